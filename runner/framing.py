@@ -1,0 +1,132 @@
+"""Length-prefixed msgpack frames on pipes: a 4-byte big-endian length, then the payload.
+
+A `Channel` wraps one read fd and one write fd (either may be None), both non-blocking.
+Reads collect whole frames; writes are buffered and flushed as the pipe takes them, so a
+slow peer never blocks the process that talks to it. A frame over `max_frame` or one that
+does not decode raises FrameError: the caller ends that peer, never itself.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import time
+from typing import Any
+
+import msgspec
+
+MAX_FRAME = 64 << 20
+_HEADER = 4
+_READ_CHUNK = 256 << 10
+
+
+class FrameError(Exception):
+    """The peer sent something that is not a valid frame; the channel is unusable."""
+
+
+class Channel:
+    def __init__(self, rfd: int | None, wfd: int | None, decode_type: Any = None,
+                 max_frame: int = MAX_FRAME):
+        self.rfd = rfd
+        self.wfd = wfd
+        for fd in (rfd, wfd):
+            if fd is not None:
+                os.set_blocking(fd, False)
+        self._decoder = msgspec.msgpack.Decoder(decode_type) if decode_type is not None else None
+        self._encoder = msgspec.msgpack.Encoder()
+        self._max = max_frame
+        self._inbuf = bytearray()
+        self._outbuf = bytearray()
+        self.eof = False
+        self.torn_bytes = 0
+
+    # -- reading -------------------------------------------------------------------------
+
+    def read(self) -> list[Any]:
+        """Read what the pipe holds now and return the whole frames in it (decoded)."""
+        while True:
+            try:
+                chunk = os.read(self.rfd, _READ_CHUNK)
+            except BlockingIOError:
+                break
+            except InterruptedError:
+                continue
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self.eof = True
+                break
+            self._inbuf += chunk
+            if len(chunk) < _READ_CHUNK:
+                break
+        return self._frames()
+
+    def _frames(self) -> list[Any]:
+        out = []
+        buf = self._inbuf
+        pos = 0
+        while len(buf) - pos >= _HEADER:
+            size = int.from_bytes(buf[pos:pos + _HEADER], "big")
+            if size > self._max:
+                raise FrameError(f"frame of {size} bytes is over the {self._max} byte limit")
+            if len(buf) - pos - _HEADER < size:
+                break
+            payload = bytes(buf[pos + _HEADER:pos + _HEADER + size])
+            pos += _HEADER + size
+            try:
+                out.append(self._decoder.decode(payload) if self._decoder else payload)
+            except (msgspec.DecodeError, msgspec.ValidationError) as e:
+                raise FrameError(f"undecodable frame: {e}") from None
+        if pos:
+            del buf[:pos]
+        if self.eof and buf:
+            self.torn_bytes = len(buf)  # the peer died mid-write; the frames before it stand
+            buf.clear()
+        return out
+
+    # -- writing -------------------------------------------------------------------------
+
+    def send(self, message: Any) -> None:
+        """Queue one message and write as much as the pipe takes now."""
+        self.send_payload(self._encoder.encode(message))
+
+    def send_payload(self, payload: bytes) -> None:
+        if len(payload) > self._max:
+            raise FrameError(f"frame of {len(payload)} bytes is over the {self._max} byte limit")
+        self._outbuf += len(payload).to_bytes(_HEADER, "big")
+        self._outbuf += payload
+        self.flush()
+
+    @property
+    def pending_output(self) -> int:
+        return len(self._outbuf)
+
+    def flush(self) -> bool:
+        """Write what the pipe takes; True when nothing is left. Raises BrokenPipeError."""
+        while self._outbuf:
+            try:
+                n = os.write(self.wfd, self._outbuf)
+            except BlockingIOError:
+                return False
+            except InterruptedError:
+                continue
+            del self._outbuf[:n]
+        return True
+
+    def flush_blocking(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for the peer to take everything queued."""
+        deadline = time.monotonic() + timeout
+        while not self.flush():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            select.select([], [self.wfd], [], left)
+        return True
+
+    def close(self) -> None:
+        for fd in {self.rfd, self.wfd} - {None}:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.rfd = self.wfd = None

@@ -1,0 +1,211 @@
+"""The config file (SPEC §3): TOML, validated by msgspec; any problem names file and key."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+import uuid as uuidlib
+from typing import Annotated, Literal
+
+import msgspec
+
+from supervisor.files import write_atomic
+from supervisor.spec import Limits, Name, validation_reason
+from supervisor.units import Duration, Size, dec_hook
+
+DEFAULT_CONFIG = "/etc/assessment-runtime/config.toml"
+CONFIG_ENV = "ASSESSMENT_RUNTIME_CONFIG"
+EX_CONFIG = 78  # sysexits EX_CONFIG
+
+
+class ConfigError(Exception):
+    """Names the file and the key; the CLI prints it and exits 78."""
+
+
+class Strict(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    pass
+
+
+class ConfigurationSource(Strict):
+    url: str
+    token_file: str | None = None
+    ca_file: str | None = None
+    sync_interval: Duration = Duration(30)
+    timeout: Duration = Duration(10)
+    allow_http: bool = False
+
+
+class SpecsSource(Strict):
+    dir: str
+
+
+class DefaultLimits(Limits, forbid_unknown_fields=True, frozen=True):
+    memory: Size | None = Size(512 << 20)
+    cpu_time: Duration | None = Duration(60)
+    open_files: Annotated[int, msgspec.Meta(ge=1)] | None = 256
+    processes: Annotated[int, msgspec.Meta(ge=1)] | None = 64
+    output: Size | None = Size(16 << 20)
+
+
+class Jobs(Strict):
+    resync_interval: Duration = Duration(10)
+    default_timeout: Duration = Duration(60)
+    stop_grace: Duration = Duration(5)
+    run_as_user: str = "assessment-runtime"
+    require_sha256: bool = False
+    default_limits: DefaultLimits = msgspec.field(default_factory=DefaultLimits)
+
+
+class PluginStore(Strict):
+    allow_download: bool = False
+
+
+class Sink(Strict):
+    name: Name
+    kind: Literal["http", "file"]
+    url: str | None = None
+    path: str | None = None
+    token_file: str | None = None
+    ca_file: str | None = None
+    allow_http: bool = False
+    timeout: Duration = Duration(10)
+
+
+class Publisher(Strict):
+    outbox_max: Size = Size(1 << 30)
+    batch_max: Annotated[int, msgspec.Meta(ge=1)] = 500
+    flush_interval: Duration = Duration(1)
+    sink: list[Sink] = []
+
+
+class Config(Strict):
+    state_dir: str = "/var/lib/assessment-runtime"
+    run_dir: str = "/run/assessment-runtime"
+    runtime_uuid: str | None = None
+    plugin_dirs: list[str] = ["/usr/lib/assessment-runtime/plugins", "/var/lib/assessment-runtime/plugins"]
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    configuration: ConfigurationSource | None = None
+    specs: SpecsSource | None = None
+    jobs: Jobs = msgspec.field(default_factory=Jobs)
+    plugin_store: PluginStore = msgspec.field(default_factory=PluginStore)
+    publisher: Publisher = msgspec.field(default_factory=Publisher)
+
+
+def config_path(arg: str | None) -> str:
+    return arg or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG
+
+
+def load_config(path: str) -> Config:
+    """Read, parse and check the config file. Relative paths in it are taken from its folder."""
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config file: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    try:
+        config = msgspec.convert(raw, Config, dec_hook=dec_hook)
+    except msgspec.ValidationError as e:
+        raise ConfigError(f"{path}: {_key_path(validation_reason(e))}") from None
+    base = os.path.dirname(os.path.abspath(path))
+    config = _absolute_paths(config, base)
+    _check(config, path)
+    return config
+
+
+def _key_path(reason: str) -> str:
+    """'$.jobs.stop_grace: ...' -> 'key jobs.stop_grace: ...' (TOML readers think in keys)."""
+    if reason.startswith("$: "):
+        return reason[3:]
+    if reason.startswith("$."):
+        key, _, rest = reason[2:].partition(": ")
+        return f"key {key}: {rest}"
+    return reason
+
+
+def _absolute_paths(config: Config, base: str) -> Config:
+    def fix(p: str | None) -> str | None:
+        return None if p is None else os.path.normpath(os.path.join(base, p))
+
+    sinks = [msgspec.structs.replace(s, path=fix(s.path), token_file=fix(s.token_file), ca_file=fix(s.ca_file))
+             for s in config.publisher.sink]
+    configuration = config.configuration and msgspec.structs.replace(
+        config.configuration, token_file=fix(config.configuration.token_file), ca_file=fix(config.configuration.ca_file))
+    return msgspec.structs.replace(
+        config,
+        state_dir=fix(config.state_dir),
+        run_dir=fix(config.run_dir),
+        plugin_dirs=[fix(d) for d in config.plugin_dirs],
+        specs=config.specs and SpecsSource(dir=fix(config.specs.dir)),
+        configuration=configuration,
+        publisher=msgspec.structs.replace(config.publisher, sink=sinks),
+    )
+
+
+def _check(config: Config, path: str) -> None:
+    if config.configuration is None and config.specs is None:
+        raise ConfigError(f"{path}: no spec source: set [configuration] or [specs]")
+    if not config.publisher.sink:
+        raise ConfigError(f"{path}: no sink: add at least one [[publisher.sink]]")
+    names = set()
+    for i, sink in enumerate(config.publisher.sink):
+        where = f"{path}: key publisher.sink[{i}]"
+        if sink.name in names:
+            raise ConfigError(f"{where}.name: duplicate sink name {sink.name!r}")
+        names.add(sink.name)
+        if sink.kind == "file" and not sink.path:
+            raise ConfigError(f"{where}.path: required for a file sink")
+        if sink.kind == "http":
+            if not sink.url:
+                raise ConfigError(f"{where}.url: required for an http sink")
+            _check_url(sink.url, sink.allow_http, f"{where}.url")
+    if config.configuration is not None:
+        _check_url(config.configuration.url, config.configuration.allow_http, f"{path}: key configuration.url")
+    if config.runtime_uuid is not None:
+        try:
+            uuidlib.UUID(config.runtime_uuid)
+        except ValueError:
+            raise ConfigError(f"{path}: key runtime_uuid: not a UUID: {config.runtime_uuid!r}") from None
+
+
+def _check_url(url: str, allow_http: bool, where: str) -> None:
+    if url.startswith("https://"):
+        return
+    if url.startswith("http://"):
+        if not allow_http:
+            raise ConfigError(f"{where}: plain http is refused unless allow_http = true: {url}")
+        return
+    raise ConfigError(f"{where}: expected an https:// URL, got {url!r}")
+
+
+def check_token_file(path: str, key: str) -> str:
+    """Read a bearer token from a file that only its owner can read; ConfigError otherwise."""
+    try:
+        st = os.stat(path)
+        if st.st_mode & 0o077:
+            raise ConfigError(f"key {key}: {path} is readable or writable by group or others "
+                              f"(mode {st.st_mode & 0o777:o}); chmod 600 it")
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+    except OSError as e:
+        raise ConfigError(f"key {key}: cannot read {path}: {e.strerror}") from None
+    if not token:
+        raise ConfigError(f"key {key}: {path} is empty")
+    return token
+
+
+def load_runtime_uuid(config: Config) -> str:
+    """runtime_uuid from config, else generated once and kept in state_dir/runtime_uuid."""
+    if config.runtime_uuid:
+        return config.runtime_uuid
+    path = os.path.join(config.state_dir, "runtime_uuid")
+    try:
+        with open(path, encoding="ascii") as f:
+            return str(uuidlib.UUID(f.read().strip()))
+    except (OSError, ValueError):
+        pass
+    value = str(uuidlib.uuid4())
+    write_atomic(path, value.encode() + b"\n")
+    return value
