@@ -26,14 +26,14 @@ class FrameError(Exception):
 
 class Channel:
     def __init__(self, rfd: int | None, wfd: int | None, decode_type: Any = None,
-                 max_frame: int = MAX_FRAME):
+                 max_frame: int = MAX_FRAME, enc_hook=None, dec_hook=None):
         self.rfd = rfd
         self.wfd = wfd
         for fd in (rfd, wfd):
             if fd is not None:
                 os.set_blocking(fd, False)
-        self._decoder = msgspec.msgpack.Decoder(decode_type) if decode_type is not None else None
-        self._encoder = msgspec.msgpack.Encoder()
+        self._decoder = msgspec.msgpack.Decoder(decode_type, dec_hook=dec_hook) if decode_type is not None else None
+        self._encoder = msgspec.msgpack.Encoder(enc_hook=enc_hook)
         self._max = max_frame
         self._inbuf = bytearray()
         self._outbuf = bytearray()

@@ -82,7 +82,8 @@ class Config(Strict):
     state_dir: str = "/var/lib/assessment-runtime"
     run_dir: str = "/run/assessment-runtime"
     runtime_uuid: str | None = None
-    plugin_dirs: list[str] = ["/usr/lib/assessment-runtime/plugins", "/var/lib/assessment-runtime/plugins"]
+    plugin_dirs: list[str] = msgspec.field(
+        default_factory=lambda: ["/usr/lib/assessment-runtime/plugins", "/var/lib/assessment-runtime/plugins"])
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     configuration: ConfigurationSource | None = None

@@ -16,6 +16,7 @@ Name = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
 Sha256 = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-fA-F]{64}$")]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 _NAME_RE = re.compile(NAME_PATTERN)
+_FIELD_MESSAGE = re.compile(r"^Object (missing required|contains unknown) field `(.+)`$")
 
 
 class PluginRef(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -23,10 +24,6 @@ class PluginRef(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     version: Name
     sha256: Sha256 | None = None
     url: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.url is not None and not self.url.startswith(("https://", "http://")):
-            raise ValueError(f"plugin.url must be an http(s) URL, got {self.url!r}")
 
     @property
     def label(self) -> str:
@@ -67,12 +64,6 @@ class JobSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     control_id: str | None = None
     limits: Limits | None = None
 
-    def __post_init__(self) -> None:
-        if self.interval < 1:
-            raise ValueError(f"interval must be at least 1s, got {self.interval:g}s")
-        if self.timeout is not None and self.timeout <= 0:
-            raise ValueError("timeout must be greater than 0")
-
 
 class Spec(msgspec.Struct, frozen=True):
     """A validated spec with what we derive from it once: its canonical JSON and revision."""
@@ -105,8 +96,13 @@ def validation_reason(err: msgspec.ValidationError, prefix: str = "$") -> str:
     text = str(err)
     message, sep, where = text.rpartition(" - at `")
     if not sep:
-        return f"{prefix}: {text}"
-    return f"{prefix}{where.rstrip('`')[1:]}: {message}"
+        message, where = text, "$"
+    path = prefix + where.rstrip("`")[1:]
+    # name the field itself, not the object that lacks or has it
+    m = _FIELD_MESSAGE.match(message)
+    if m:
+        return f"{path}.{m.group(2)}: {'required field is missing' if m.group(1) == 'missing required' else 'unknown field'}"
+    return f"{path}: {message}"
 
 
 def parse_spec(obj: Any, source: str, path: str = "$") -> Spec:
@@ -123,4 +119,10 @@ def parse_spec(obj: Any, source: str, path: str = "$") -> Spec:
         job = msgspec.convert(obj, JobSpec, dec_hook=dec_hook)
     except msgspec.ValidationError as e:
         raise SpecError(validation_reason(e, path), uuid) from None
+    if job.interval < 1:
+        raise SpecError(f"{path}.interval: must be at least 1s, got {job.interval:g}s", uuid)
+    if job.timeout is not None and job.timeout <= 0:
+        raise SpecError(f"{path}.timeout: must be greater than 0", uuid)
+    if job.plugin.url is not None and not job.plugin.url.startswith(("https://", "http://")):
+        raise SpecError(f"{path}.plugin.url: must be an http(s) URL, got {job.plugin.url!r}", uuid)
     return Spec(job=job, canonical=canonical, revision=revision_of(canonical), source=source)

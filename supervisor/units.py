@@ -60,6 +60,10 @@ def dec_hook(type_: type, obj: object) -> object:
 
 
 def enc_hook(obj: object) -> object:
+    if isinstance(obj, Duration):
+        return float(obj)
+    if isinstance(obj, Size):
+        return int(obj)
     raise NotImplementedError(type(obj))
 
 

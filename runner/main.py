@@ -1,0 +1,390 @@
+"""The runner: one process per job, forked from the zygote, talking to the supervisor only
+through frames on two pipes.
+
+Its loop, top to bottom: wait for the next event or deadline; read the supervisor's frames
+(RunNow), the plugin's stdout and stderr, its exit (a pidfd), and signals; then act on the
+clock: time out the run, kill it after the grace, start the next one when it is due. One run
+at a time, always; every run yields exactly one result.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import select
+import selectors
+import signal
+import socket
+import stat
+import sys
+import time
+
+import msgspec
+
+from runner import linux
+from runner.framing import MAX_FRAME, Channel, FrameError
+from runner.log import setup_logging
+from runner.plugin import PluginError, PluginResolver
+from runner.protocol import (OutputError, StdinTemplate, failure_reason, iso_time, new_uuid,
+                             parse_assessment_output, parse_nagios_output)
+from runner.sandbox import PLUGIN_PATH, Sandbox, SpawnError, kill_group, sweep_orphans
+from runner.wire import (AttestationResult, PluginInfo, RunnerConfig, RunnerState, RunNow, RunResult,
+                         SupervisorToRunner)
+from supervisor.units import format_duration
+
+STDERR_TAIL = 4096
+READ_CHUNK = 65536
+_encoder = msgspec.msgpack.Encoder()
+
+
+class Run:
+    """One plugin execution in flight."""
+
+    def __init__(self, run_uuid: str, start_wall: float, start_mono: float, deadline: float):
+        self.uuid = run_uuid
+        self.start_wall = start_wall
+        self.start_mono = start_mono
+        self.deadline = deadline
+        self.kill_at: float | None = None
+        self.pid = 0
+        self.pidfd = -1
+        self.out_fd = -1
+        self.err_fd = -1
+        self.stdout = bytearray()
+        self.stderr_tail = bytearray()
+        self.failure: str | None = None  # set when we end the run ourselves (timeout, output limit)
+        self.plugin = PluginInfo("", "")
+        self.protocol = "assessment/1"
+
+
+class Runner:
+    def __init__(self, channel: Channel, cfg: RunnerConfig):
+        self.channel = channel
+        self.cfg = cfg
+        self.log = setup_logging(f"runner {cfg.job_uuid}", cfg.log_format, cfg.log_level)
+        allowed = frozenset({0, os.getuid()})
+        self.resolver = PluginResolver(cfg.plugin_dirs, cfg.plugin.name, cfg.plugin.version, allowed,
+                                       cfg.plugin.sha256, cfg.require_sha256)
+        self.sandbox = Sandbox(cfg.limits, cfg.run_as, {
+            "PATH": PLUGIN_PATH, "LANG": "C.UTF-8",
+            "ASSESSMENT_JOB_UUID": cfg.job_uuid, "ASSESSMENT_RUNTIME_UUID": cfg.runtime_uuid,
+        })
+        self.stdin = StdinTemplate(cfg.job_json, cfg.config_json)
+        self.nagios_args = self._nagios_args()
+        self.sel = selectors.DefaultSelector()
+        self.run: Run | None = None
+        self.run_now = False
+        self.stopping = False
+        self.signals: list[int] = []
+        now = time.monotonic()
+        self.next_run_at = now if cfg.run_on_start else self._next_slot(now)
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def serve(self) -> int:
+        self._install_signals()
+        self.sel.register(self.channel.rfd, selectors.EVENT_READ, self.on_supervisor)
+        self.report_state()
+        while not (self.stopping and self.run is None):
+            timeout = min(60.0, max(0.0, self._next_deadline() - time.monotonic()))
+            for key, _ in self.sel.select(timeout):
+                key.data()
+            self.handle_signals()
+            self.tick(time.monotonic())
+        self.channel.flush_blocking(5.0)
+        return 0
+
+    def tick(self, now: float) -> None:
+        run = self.run
+        if run is not None:
+            if run.kill_at is None and now >= run.deadline:
+                self.end_run(f"timeout after {format_duration(self.cfg.timeout)}")
+            elif run.kill_at is not None and now >= run.kill_at:
+                kill_group(run.pid, signal.SIGKILL)
+                run.kill_at = math.inf
+        elif not self.stopping and (self.run_now or now >= self.next_run_at):
+            self.start_run(now)
+
+    def _next_deadline(self) -> float:
+        run = self.run
+        if run is not None:
+            return run.kill_at if run.kill_at is not None else run.deadline
+        if self.stopping or self.run_now:
+            return 0.0
+        return self.next_run_at
+
+    def _next_slot(self, after: float) -> float:
+        """Runs fall on a grid of the monotonic clock offset by the job's splay, so a
+        restarted runner keeps its job's rhythm instead of shifting or bursting."""
+        interval = self.cfg.interval
+        k = math.floor((after - self.cfg.splay) / interval) + 1
+        return self.cfg.splay + k * interval
+
+    # -- events --------------------------------------------------------------------------
+
+    def on_supervisor(self) -> None:
+        try:
+            frames = self.channel.read()
+        except FrameError as e:
+            self.log.error("bad frame from the supervisor: %s; stopping", e)
+            frames = []
+            self.channel.eof = True
+        for frame in frames:
+            if isinstance(frame, RunNow):
+                self.run_now = True
+        if self.channel.eof:  # the supervisor is gone: finish up and leave
+            self.sel.unregister(self.channel.rfd)
+            self.stop("supervisor closed the pipe")
+
+    def on_stdout(self) -> None:
+        run = self.run
+        limit = self.cfg.limits.output
+        while True:
+            try:
+                chunk = os.read(run.out_fd, READ_CHUNK)
+            except BlockingIOError:
+                return
+            if not chunk:
+                self.sel.unregister(run.out_fd)
+                return
+            run.stdout += chunk
+            if len(run.stdout) > limit:
+                del run.stdout[limit:]
+                self.sel.unregister(run.out_fd)
+                self.end_run(f"output limit exceeded: more than {limit} bytes", signal.SIGKILL)
+                return
+
+    def on_stderr(self) -> None:
+        run = self.run
+        while True:
+            try:
+                chunk = os.read(run.err_fd, READ_CHUNK)
+            except BlockingIOError:
+                return
+            if not chunk:
+                self.sel.unregister(run.err_fd)
+                return
+            run.stderr_tail += chunk
+            if len(run.stderr_tail) > STDERR_TAIL:
+                del run.stderr_tail[:-STDERR_TAIL]
+
+    def on_plugin_exit(self) -> None:
+        self.finish_run()
+
+    def _install_signals(self) -> None:
+        self._wake_r, wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        wake_w.setblocking(False)
+        self._wake_w = wake_w
+        signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: self.signals.append(signum))
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        self.sel.register(self._wake_r, selectors.EVENT_READ, self._drain_wakeup)
+
+    def _drain_wakeup(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def handle_signals(self) -> None:
+        while self.signals:
+            sig = self.signals.pop(0)
+            self.stop(f"signal {signal.Signals(sig).name}")
+
+    def stop(self, why: str) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        self.log.debug("stopping: %s", why)
+        if self.run is not None:
+            self.end_run("interrupted: the runner was stopped")
+
+    # -- runs ----------------------------------------------------------------------------
+
+    def start_run(self, now: float) -> None:
+        self.run_now = False
+        if now >= self.next_run_at:
+            self.next_run_at = self._next_slot(now)
+        run = Run(new_uuid(), time.time(), now, now + self.cfg.timeout)
+        self.run = run
+        try:
+            plugin, digest = self.resolver.resolve()
+        except PluginError as e:
+            return self.finish_without_spawn(run, e.reason)
+        run.plugin = PluginInfo(self.cfg.plugin.name, self.cfg.plugin.version, digest)
+        run.protocol = plugin.manifest.protocol
+        argv = [plugin.path] + (self.nagios_args if run.protocol == "nagios" else [])
+        try:
+            scratch = self.prepare_scratch()
+            stdin_fd = os.memfd_create("stdin", os.MFD_CLOEXEC)
+            try:
+                os.write(stdin_fd, self.stdin.render(run.uuid))
+                os.lseek(stdin_fd, 0, os.SEEK_SET)
+                run.pid, run.pidfd, run.out_fd, run.err_fd = self.sandbox.spawn(
+                    argv, scratch, stdin_fd, {"ASSESSMENT_RUN_UUID": run.uuid})
+            finally:
+                os.close(stdin_fd)
+        except (SpawnError, OSError) as e:
+            return self.finish_without_spawn(run, f"cannot start plugin {plugin.path}: {e}")
+        self.sel.register(run.out_fd, selectors.EVENT_READ, self.on_stdout)
+        self.sel.register(run.err_fd, selectors.EVENT_READ, self.on_stderr)
+        self.sel.register(run.pidfd, selectors.EVENT_READ, self.on_plugin_exit)
+        self.report_state()
+
+    def end_run(self, reason: str, sig: int = signal.SIGTERM) -> None:
+        """End the run ourselves: signal its process group, SIGKILL after the grace."""
+        run = self.run
+        if run.failure is None:
+            run.failure = reason
+        if run.pid:
+            kill_group(run.pid, sig)
+        if run.kill_at is None:
+            run.kill_at = time.monotonic() + (0 if sig == signal.SIGKILL else self.cfg.stop_grace)
+
+    def finish_run(self) -> None:
+        run = self.run
+        _, status, rusage = os.wait4(run.pid, 0)
+        for fd, reader in ((run.out_fd, self.on_stdout), (run.err_fd, self.on_stderr)):
+            if fd in self.sel.get_map():
+                reader()  # what the plugin wrote just before it exited
+        for fd in (run.out_fd, run.err_fd, run.pidfd):
+            if fd in self.sel.get_map():
+                self.sel.unregister(fd)
+            os.close(fd)
+        # nothing the run started may outlive it: its group, then anything re-parented to us
+        kill_group(run.pid, signal.SIGKILL)
+        sweep_orphans()
+        end = time.time()
+        if run.failure is not None:
+            self.send_result(run, end, "error", run.failure, errors=True)
+        elif run.protocol == "nagios" and os.WIFEXITED(status):
+            state, reason, observations = parse_nagios_output(
+                bytes(run.stdout), os.WEXITSTATUS(status), self.cfg.plugin.name, iso_time(end), run.uuid)
+            self.send_result(run, end, state, reason, observations=observations, errors=state == "error")
+        elif os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+            try:
+                out = parse_assessment_output(bytes(run.stdout))
+            except OutputError as e:
+                self.send_result(run, end, "error", str(e), errors=True)
+            else:
+                self.send_result(run, end, out.status, None, title=out.title, observations=out.observations,
+                                 findings=out.findings, risks=out.risks, subjects=out.subjects, logs=out.logs)
+        else:
+            reason = failure_reason(status, rusage, self.cfg.limits, bytes(run.stderr_tail))
+            self.send_result(run, end, "error", reason, errors=True)
+
+    def finish_without_spawn(self, run: Run, reason: str) -> None:
+        if run.plugin.name == "":
+            run.plugin = PluginInfo(self.cfg.plugin.name, self.cfg.plugin.version, None)
+        self.send_result(run, time.time(), "error", reason, errors=True)
+
+    def send_result(self, run: Run, end: float, status: str, reason: str | None, *, errors: bool = False,
+                    title: str | None = None, observations=(), findings=(), risks=(), subjects=(), logs=()) -> None:
+        cfg = self.cfg
+        logs = list(logs)
+        if errors:
+            logs = self._error_logs(run) + logs
+        result = AttestationResult(
+            uuid=run.uuid, runtime_uuid=cfg.runtime_uuid, job_uuid=cfg.job_uuid, job_revision=cfg.revision,
+            plugin=run.plugin, title=title or cfg.title, labels=cfg.labels,
+            assessment_plan_uuid=cfg.assessment_plan_uuid, component_uuid=cfg.component_uuid,
+            control_id=cfg.control_id, start=iso_time(run.start_wall), end=iso_time(end),
+            status=status, reason=reason, observations=list(observations), findings=list(findings),
+            risks=list(risks), subjects=list(subjects), logs=logs)
+        if reason:
+            self.log.info("run %s: %s: %s", run.uuid, status, reason)
+        self.run = None
+        try:
+            self.channel.send(RunResult(result=msgspec.Raw(_encoder.encode(result)),
+                                        duration=time.monotonic() - run.start_mono))
+            self.channel.flush_blocking(30.0)
+        except (BrokenPipeError, FrameError) as e:
+            self.log.error("cannot hand the result of run %s to the supervisor: %s", run.uuid, e)
+            self.stopping = True
+            return
+        self.report_state()
+
+    @staticmethod
+    def _error_logs(run: Run) -> list[dict]:
+        logs = []
+        if run.stderr_tail:
+            logs.append({"stream": "stderr", "text": run.stderr_tail.decode("utf-8", errors="replace")})
+        if run.stdout and run.failure is None:
+            logs.append({"stream": "stdout", "text": bytes(run.stdout[:1024]).decode("utf-8", errors="replace")})
+        return logs
+
+    def report_state(self) -> None:
+        try:
+            self.channel.send(RunnerState(running=self.run is not None,
+                                          next_run_at=None if self.stopping else self.next_run_at))
+        except BrokenPipeError:
+            self.stopping = True
+
+    def prepare_scratch(self) -> str:
+        """The job's private folder, mode 0700, owned by the run user, empty at each run."""
+        path = self.cfg.scratch_dir
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+            st = os.lstat(path)
+        if not stat.S_ISDIR(st.st_mode):
+            os.unlink(path)
+            os.mkdir(path, 0o700)
+            st = os.lstat(path)
+        with os.scandir(path) as entries:
+            leftovers = [e.name for e in entries]
+        for name in leftovers:
+            _remove_tree(os.path.join(path, name))
+        if self.cfg.run_as is not None and (st.st_uid, st.st_gid) != tuple(self.cfg.run_as):
+            os.chown(path, *self.cfg.run_as)
+        if stat.S_IMODE(st.st_mode) != 0o700:
+            os.chmod(path, 0o700)
+        return path
+
+    def _nagios_args(self) -> list[str]:
+        args = msgspec.json.decode(self.cfg.config_json).get("args", [])
+        if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+            self.log.warning("config.args is not a list of strings; ignored")
+            return []
+        return args
+
+
+def _remove_tree(path: str) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        os.chmod(path, 0o700)
+        with os.scandir(path) as entries:
+            names = [e.name for e in entries]
+        for name in names:
+            _remove_tree(os.path.join(path, name))
+        os.rmdir(path)
+    else:
+        os.unlink(path)
+
+
+def serve(rfd: int, wfd: int) -> int:
+    """Entry point in the forked child: read the RunnerConfig frame, then run the loop."""
+    linux.set_child_subreaper()
+    channel = Channel(rfd, wfd, SupervisorToRunner, max_frame=MAX_FRAME)
+    deadline = time.monotonic() + 30
+    frames: list = []
+    while not frames and not channel.eof and time.monotonic() < deadline:
+        select.select([rfd], [], [], 1.0)
+        frames = channel.read()
+    if not frames or not isinstance(frames[0], RunnerConfig):
+        print("runner: no RunnerConfig from the supervisor", file=sys.stderr)
+        return 2
+    linux.set_process_name("ar-runner")
+    runner = Runner(channel, frames[0])
+    for frame in frames[1:]:
+        if isinstance(frame, RunNow):
+            runner.run_now = True
+    return runner.serve()

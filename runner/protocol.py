@@ -1,0 +1,137 @@
+"""The plugin protocols of SPEC §6: what a plugin is handed, and how its output is read.
+
+`assessment/1`: JSON document on stdin, one JSON object on stdout.
+`nagios`: exit code is the status; first output line "text | perfdata" is one observation.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import time
+from typing import Any, Literal
+
+import msgspec
+
+from supervisor.units import format_duration, format_size
+
+MEMORY_ERROR_MARKS = (b"MemoryError", b"Cannot allocate memory", b"bad_alloc", b"out of memory")
+
+
+class PluginOutput(msgspec.Struct):
+    """stdout of an assessment/1 plugin. The lists are passed through unchanged."""
+
+    status: Literal["satisfied", "not-satisfied"]
+    title: str | None = None
+    observations: list[Any] = []
+    findings: list[Any] = []
+    risks: list[Any] = []
+    subjects: list[Any] = []
+    logs: list[Any] = []
+
+
+_output_decoder = msgspec.json.Decoder(PluginOutput)
+
+
+class OutputError(ValueError):
+    """The plugin's output does not parse; the message is the result's reason."""
+
+
+def iso_time(t: float) -> str:
+    """2026-11-27T12:00:00.123456Z (UTC, microseconds)."""
+    whole = int(t)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{int((t - whole) * 1e6):06d}Z"
+
+
+def new_uuid() -> str:
+    """A random (version 4) UUID without importing the uuid module in every runner."""
+    b = bytearray(os.urandom(16))
+    b[6] = (b[6] & 0x0F) | 0x40
+    b[8] = (b[8] & 0x3F) | 0x80
+    h = b.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+class StdinTemplate:
+    """The stdin document is the same for every run but its run_uuid: build it once."""
+
+    def __init__(self, job_json: bytes, config_json: bytes):
+        self._head = b'{"protocol":"assessment/1","run_uuid":"'
+        self._tail = b'","job":' + job_json + b',"config":' + config_json + b"}"
+
+    def render(self, run_uuid: str) -> bytes:
+        return self._head + run_uuid.encode() + self._tail
+
+
+def parse_assessment_output(stdout: bytes) -> PluginOutput:
+    if not stdout.strip():
+        raise OutputError("invalid output: empty, expected one JSON object")
+    try:
+        return _output_decoder.decode(stdout)
+    except msgspec.ValidationError as e:
+        text = str(e)
+        message, _, where = text.rpartition(" - at `")
+        where = where.rstrip("`") if message else "$"
+        message = message or text
+        if where == "$.status" and message.startswith("Invalid enum value"):
+            got = message.removeprefix("Invalid enum value").strip()
+            message = f'expected one of "satisfied", "not-satisfied", got {got}'
+        return _raise(f"invalid output: {where}: {message}")
+    except msgspec.DecodeError as e:
+        return _raise(f"invalid output: not one JSON object: {e}")
+
+
+def _raise(reason: str):
+    raise OutputError(reason)
+
+
+def parse_nagios_output(stdout: bytes, exit_code: int, plugin_name: str, collected: str,
+                        run_uuid: str) -> tuple[str, str | None, list[Any]]:
+    """(status, reason, observations) for a monitoring-plugins style run."""
+    text = stdout.decode("utf-8", errors="replace")
+    first = text.split("\n", 1)[0]
+    summary, _, perf = first.partition("|")
+    props = [{"name": item.split("=", 1)[0].strip("'"), "value": item} for item in _split_perfdata(perf)]
+    observation: dict[str, Any] = {
+        "uuid": run_uuid,
+        "title": plugin_name,
+        "description": summary.strip(),
+        "methods": ["TEST"],
+        "collected": collected,
+    }
+    if props:
+        observation["props"] = props
+    if exit_code == 0:
+        return "satisfied", None, [observation]
+    if exit_code in (1, 2):
+        return "not-satisfied", None, [observation]
+    return "error", f"exit code {exit_code}" + (f": {summary.strip()}" if summary.strip() else ""), [observation]
+
+
+def _split_perfdata(perf: str) -> list[str]:
+    perf = perf.strip()
+    if not perf:
+        return []
+    try:
+        return shlex.split(perf, posix=False)
+    except ValueError:
+        return perf.split()
+
+
+def failure_reason(status: int, rusage, limits, stderr_tail: bytes) -> str:
+    """Why a run that ended abnormally failed, naming the limit it hit when it hit one."""
+    cpu_used = rusage.ru_utime + rusage.ru_stime if rusage is not None else 0.0
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        if limits.cpu_time and (sig == signal.SIGXCPU or (sig == signal.SIGKILL and cpu_used >= limits.cpu_time - 0.05)):
+            return f"killed: cpu limit {format_duration(limits.cpu_time)}"
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = "?"
+        return f"killed by signal {sig} ({name})"
+    code = os.WEXITSTATUS(status)
+    if limits.memory and any(mark in stderr_tail for mark in MEMORY_ERROR_MARKS):
+        return f"memory limit {format_size(limits.memory)} reached: allocation failed, exit code {code}"
+    return f"exit code {code}"

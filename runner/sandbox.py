@@ -1,0 +1,145 @@
+"""Start a plugin in its sandbox, and make sure nothing it started outlives its run.
+
+The child side runs between fork and exec, so it only calls os/resource functions and
+reports a failure to exec through a close-on-exec pipe, as subprocess does.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+
+from runner import linux
+from runner.wire import RunLimits
+
+PLUGIN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+class SpawnError(Exception):
+    """The plugin could not be started (exec failed, no such file, permission...)."""
+
+
+class Sandbox:
+    """What every run of one job shares: computed once per runner, not per run."""
+
+    def __init__(self, limits: RunLimits, run_as: tuple[int, int] | None, env_base: dict[str, str]):
+        self.run_as = run_as
+        self.env_base = env_base
+        self.rlimits: list[tuple[int, tuple[int, int]]] = [(resource.RLIMIT_CORE, (0, 0))]
+        if limits.memory:
+            self.rlimits.append((resource.RLIMIT_AS, (limits.memory, limits.memory)))
+        if limits.cpu_time:
+            # SIGXCPU at the soft limit, SIGKILL one second later if it is caught
+            soft = max(1, int(limits.cpu_time + 0.999))
+            self.rlimits.append((resource.RLIMIT_CPU, (soft, soft + 1)))
+        if limits.open_files:
+            self.rlimits.append((resource.RLIMIT_NOFILE, (limits.open_files, limits.open_files)))
+        if limits.processes:
+            self.rlimits.append((resource.RLIMIT_NPROC, (limits.processes, limits.processes)))
+
+    def spawn(self, argv: list[str], cwd: str, stdin_fd: int, extra_env: dict[str, str]) -> tuple[int, int, int, int]:
+        """Fork and exec the plugin. Returns (pid, pidfd, stdout_fd, stderr_fd), read ends non-blocking."""
+        env = dict(self.env_base)
+        env.update(extra_env)
+        env["HOME"] = cwd
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        errpipe_r, errpipe_w = os.pipe2(os.O_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:  # child: never returns
+            self._exec_child(argv, cwd, env, stdin_fd, out_w, err_w, errpipe_w)
+        os.close(out_w)
+        os.close(err_w)
+        os.close(errpipe_w)
+        failure = os.read(errpipe_r, 4096)
+        os.close(errpipe_r)
+        if failure:
+            os.waitpid(pid, 0)
+            os.close(out_r)
+            os.close(err_r)
+            raise SpawnError(failure.decode(errors="replace"))
+        pidfd = os.pidfd_open(pid)
+        os.set_blocking(out_r, False)
+        os.set_blocking(err_r, False)
+        return pid, pidfd, out_r, err_r
+
+    def _exec_child(self, argv, cwd, env, stdin_fd, out_w, err_w, errpipe_w) -> None:
+        step = "setsid"
+        try:
+            os.setsid()  # a new session: the plugin and its group can be killed as one
+            step = "redirect"
+            os.dup2(stdin_fd, 0)
+            os.dup2(out_w, 1)
+            os.dup2(err_w, 2)
+            os.closerange(3, errpipe_w)
+            os.closerange(errpipe_w + 1, 65536)
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGPIPE):
+                signal.signal(sig, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, [])
+            step = "umask"
+            os.umask(0o077)
+            step = "rlimits"
+            for which, value in self.rlimits:
+                resource.setrlimit(which, value)
+            if self.run_as is not None:
+                step = f"switch to uid {self.run_as[0]}"
+                os.setgroups([])
+                os.setgid(self.run_as[1])
+                os.setuid(self.run_as[0])
+            step = "no_new_privs"
+            linux.set_no_new_privs()
+            # after any uid change (a change of credentials clears it)
+            linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+            step = "chdir"
+            os.chdir(cwd)
+            step = "exec"
+            os.execve(argv[0], argv, env)
+        except BaseException as e:  # noqa: BLE001 - anything here must reach the parent
+            try:
+                reason = f"{step}: {e.strerror if isinstance(e, OSError) and e.strerror else e}"
+                os.write(errpipe_w, reason.encode()[:4000])
+            finally:
+                os._exit(127)
+
+
+def kill_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def sweep_orphans() -> int:
+    """Kill and reap everything left behind (we are the child subreaper). Returns how many."""
+    me = os.getpid()
+    killed = 0
+    for _ in range(50):  # killing one may re-parent its own children to us; go round again
+        children = linux.children_of(me)
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+            except ProcessLookupError:
+                pass
+        reaped = reap_all()
+        if not children and not reaped:
+            break
+        if children and not reaped:
+            try:
+                os.waitpid(-1, 0)  # they were SIGKILLed: this is short
+            except ChildProcessError:
+                break
+    return killed
+
+
+def reap_all() -> int:
+    n = 0
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return n
+        if pid == 0:
+            return n
+        n += 1

@@ -1,0 +1,113 @@
+"""The zygote: a small, warm, single-threaded process that forks runners.
+
+The supervisor runs threads (the folder watcher, HTTP sync), and forking a threaded process
+is unsafe; so it starts this process once, which imports everything a runner needs, freezes
+its heap for the garbage collector (so children share those pages instead of copying them),
+and forks a runner on each request. It reaps its children and reports their exits.
+
+Protocol: datagrams on a SOCK_SEQPACKET socket. Spawn carries the runner's two pipe ends as
+SCM_RIGHTS; the answer is Spawned(pid). Exited(pid, status) is sent as children are reaped.
+EOF on the socket means the supervisor is gone: the zygote exits and its runners follow
+(PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import select
+import signal
+import socket
+import sys
+
+import msgspec
+
+import runner.main  # noqa: F401 - imported here so every runner shares it
+from runner import linux
+from runner.wire import Exited, Spawn, Spawned
+
+_encode = msgspec.msgpack.Encoder().encode
+_decode = msgspec.msgpack.Decoder(Spawn).decode
+
+
+def reap_children(sock: socket.socket) -> None:
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        sock.send(_encode(Exited(pid=pid, status=status)))
+
+
+def spawn_runner(sock: socket.socket, private: list[socket.socket], request: Spawn, fds: list[int]) -> None:
+    rfd, wfd = fds
+    gc.freeze()  # what the zygote holds now is shared with the child, not touched by its GC
+    zygote = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            sock.close()
+            for s in private:
+                s.close()
+            linux.die_with_parent(zygote)
+            os.setpgid(0, 0)  # the supervisor stops a runner by its process group
+            code = runner.main.serve(rfd, wfd)
+        except BaseException:  # noqa: BLE001 - a runner must never fall back into the zygote loop
+            import traceback
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    os.close(rfd)
+    os.close(wfd)
+    sock.send(_encode(Spawned(job_uuid=request.job_uuid, pid=pid)))
+
+
+def main() -> int:
+    sock_fd, parent = int(sys.argv[1]), int(sys.argv[2])
+    linux.die_with_parent(parent)
+    linux.set_process_name("ar-zygote")
+    sock = socket.socket(fileno=sock_fd)
+    wake_r, wake_w = socket.socketpair()
+    wake_r.setblocking(False)
+    wake_w.setblocking(False)
+    signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the supervisor, which stops us
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    gc.collect()
+    gc.freeze()
+    while True:
+        readable, _, _ = select.select([sock, wake_r], [], [])
+        if wake_r in readable:
+            try:
+                while wake_r.recv(4096):
+                    pass
+            except BlockingIOError:
+                pass
+            reap_children(sock)
+        if sock in readable:
+            try:
+                data, fds, _, _ = socket.recv_fds(sock, 65536, 2)
+            except ConnectionResetError:
+                data, fds = b"", []
+            if not data:
+                return 0
+            try:
+                request = _decode(data)
+                if len(fds) != 2:
+                    raise ValueError(f"expected 2 fds, got {len(fds)}")
+            except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as e:
+                print(f"zygote: bad request from the supervisor: {e}", file=sys.stderr)
+                for fd in fds:
+                    os.close(fd)
+                continue
+            spawn_runner(sock, [wake_r, wake_w], request, fds)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,363 @@
+"""The job manager: one runner per desired job, reconciled level-triggered.
+
+`manage_runners` compares the desired runner configs with the runners we have and acts on
+the difference: start what is missing, stop what is no longer wanted or wanted differently
+(any change of the spec or of the effective settings is a new `key`), and restart crashed
+runners after an exponential backoff with full jitter. Runners are forked by the zygote
+(see runner/zygote.py), so their exits are reported by it, not by our own waitpid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import msgspec
+
+from runner.framing import MAX_FRAME, Channel, FrameError
+from runner.wire import (Exited, PluginInfo, ResultSummary, RunLimits, RunnerConfig, RunnerState, RunNow, RunResult,
+                         RunnerToSupervisor, Spawn, Spawned, ZygoteToSupervisor)
+from supervisor.config import Config
+from supervisor.spec import Spec
+
+log = logging.getLogger(__name__)
+
+BACKOFF_MIN = 1.0
+BACKOFF_MAX = 300.0
+HEALTHY_RESET = 600.0  # a runner that lived this long starts its backoff from scratch
+_encode = msgspec.msgpack.Encoder().encode
+_summary = msgspec.msgpack.Decoder(ResultSummary).decode
+
+
+def backoff_delay(failures: int) -> float:
+    """Exponential backoff with full jitter, between 1 s and 5 min."""
+    cap = min(BACKOFF_MAX, BACKOFF_MIN * 2 ** max(0, failures - 1))
+    return random.uniform(BACKOFF_MIN, max(BACKOFF_MIN, cap))
+
+
+def splay_of(uuid: str, interval: float) -> float:
+    """Where in its interval a job runs: spread across jobs, stable across restarts."""
+    h = int.from_bytes(hashlib.sha256(uuid.encode()).digest()[:8], "big")
+    return (h / 2**64) * interval
+
+
+def runner_config(spec: Spec, config: Config, runtime_uuid: str, run_as: tuple[int, int] | None) -> RunnerConfig:
+    """Everything a runner needs, resolved here once: effective limits, timeout, splay."""
+    job = spec.job
+    limits = config.jobs.default_limits.lowered_by(job.limits)
+    return RunnerConfig(
+        job_uuid=job.uuid, revision=spec.revision, runtime_uuid=runtime_uuid,
+        job_json=spec.canonical, config_json=msgspec.json.encode(job.config),
+        plugin=PluginInfo(job.plugin.name, job.plugin.version, job.plugin.sha256.lower() if job.plugin.sha256 else None),
+        plugin_url=job.plugin.url, plugin_dirs=list(config.plugin_dirs), require_sha256=config.jobs.require_sha256,
+        title=job.title, labels=dict(job.labels), assessment_plan_uuid=job.assessment_plan_uuid,
+        component_uuid=job.component_uuid, control_id=job.control_id,
+        interval=float(job.interval), timeout=float(job.timeout or config.jobs.default_timeout),
+        stop_grace=float(config.jobs.stop_grace), run_on_start=job.run_on_start,
+        splay=splay_of(job.uuid, float(job.interval)),
+        limits=RunLimits(memory=_plain(limits.memory, int), cpu_time=_plain(limits.cpu_time, float),
+                         open_files=limits.open_files, processes=limits.processes,
+                         output=int(limits.output or config.jobs.default_limits.output)),
+        scratch_dir=os.path.join(config.state_dir, "scratch", job.uuid), run_as=run_as,
+        log_format=config.log_format, log_level=config.log_level)
+
+
+def _plain(value, kind):
+    return None if value is None else kind(value)
+
+
+class ZygoteLink:
+    """The supervisor's end of the zygote: ask for runners, hear of their exits."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+        self.sock: socket.socket | None = None
+
+    def start(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.proc = subprocess.Popen([sys.executable, "-m", "runner.zygote", str(theirs.fileno()), str(os.getpid())],
+                                     pass_fds=[theirs.fileno()], process_group=0)
+        theirs.close()
+        ours.setblocking(False)
+        self.sock = ours
+        log.info("zygote started, pid %d", self.proc.pid)
+
+    def spawn(self, job_uuid: str, fds: list[int]) -> None:
+        self.sock.setblocking(True)
+        try:
+            socket.send_fds(self.sock, [_encode(Spawn(job_uuid=job_uuid))], fds)
+        finally:
+            self.sock.setblocking(False)
+
+    def messages(self) -> list[Spawned | Exited] | None:
+        """What the zygote has said; None when it is gone."""
+        out = []
+        decode = msgspec.msgpack.Decoder(ZygoteToSupervisor).decode
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except BlockingIOError:
+                return out
+            except ConnectionResetError:
+                return None
+            if not data:
+                return None if not out else out
+            try:
+                out.append(decode(data))
+            except (msgspec.DecodeError, msgspec.ValidationError) as e:
+                log.error("bad message from the zygote: %s", e)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class RunnerRecord:
+    """What we know of one job's runner."""
+
+    def __init__(self, uuid: str):
+        self.uuid = uuid
+        self.spec: Spec | None = None
+        self.plan: RunnerConfig | None = None
+        self.key = ""
+        self.state = "starting"  # starting | running | backoff | stopping
+        self.pid: int | None = None
+        self.channel: Channel | None = None
+        self.spawning = False  # asked the zygote, no pid yet
+        self.started_at = 0.0
+        self.kill_at: float | None = None
+        self.failures = 0
+        self.restarts = 0
+        self.runs = 0
+        self.backoff_until = 0.0
+        self.running = False
+        self.next_run_at: float | None = None
+        self.last_result: dict | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.spawning or self.pid is not None
+
+
+class JobManager:
+    def __init__(self, selector: selectors.BaseSelector, zygote: ZygoteLink,
+                 on_result: Callable[[RunnerRecord, ResultSummary, msgspec.Raw, float], None]):
+        self.selector = selector
+        self.zygote = zygote
+        self.on_result = on_result
+        self.runners: dict[str, RunnerRecord] = {}
+        self.by_pid: dict[int, RunnerRecord] = {}
+        self.stop_grace = 5.0
+
+    # -- reconcile -----------------------------------------------------------------------
+
+    def manage_runners(self, desired: dict[str, tuple[Spec, RunnerConfig]], now: float) -> None:
+        for uuid, rec in list(self.runners.items()):
+            want = desired.get(uuid)
+            if rec.alive and rec.state != "stopping" and (want is None or _key(want[1]) != rec.key):
+                self.stop_runner(rec, now, "job removed" if want is None else "spec or settings changed")
+            if not rec.alive and want is None:
+                del self.runners[uuid]
+        for uuid, (spec, plan) in desired.items():
+            rec = self.runners.setdefault(uuid, RunnerRecord(uuid))
+            key = _key(plan)
+            if not rec.alive and rec.key != key:
+                rec.backoff_until = 0.0  # a new spec deserves a prompt start, not the old backoff
+            if not rec.alive and now >= rec.backoff_until:
+                rec.spec, rec.plan, rec.key = spec, plan, key
+                self.spawn_runner(rec, now)
+
+    def spawn_runner(self, rec: RunnerRecord, now: float) -> None:
+        to_runner_r, to_runner_w = os.pipe2(os.O_CLOEXEC)
+        from_runner_r, from_runner_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            self.zygote.spawn(rec.uuid, [to_runner_r, from_runner_w])
+        except OSError as e:
+            log.error("cannot ask the zygote for a runner for job %s: %s", rec.uuid, e)
+            for fd in (to_runner_r, to_runner_w, from_runner_r, from_runner_w):
+                os.close(fd)
+            return
+        os.close(to_runner_r)
+        os.close(from_runner_w)
+        max_frame = max(MAX_FRAME, 2 * rec.plan.limits.output + (1 << 20))
+        rec.channel = Channel(from_runner_r, to_runner_w, RunnerToSupervisor, max_frame=max_frame)
+        rec.channel.send(rec.plan)
+        self.selector.register(from_runner_r, selectors.EVENT_READ, lambda: self.read_runner(rec))
+        rec.spawning = True
+        rec.state = "starting"
+        rec.started_at = now
+        rec.kill_at = None
+        rec.running = False
+        rec.next_run_at = None
+
+    def stop_runner(self, rec: RunnerRecord, now: float, why: str) -> None:
+        """SIGTERM to the runner's group now; SIGKILL after the grace (murder_runners)."""
+        log.info("stopping runner of job %s (pid %s): %s", rec.uuid, rec.pid, why)
+        rec.state = "stopping"
+        rec.kill_at = now + self.stop_grace + 2.0  # the runner itself gives its plugin stop_grace
+        if rec.pid is not None:
+            _killpg(rec.pid, signal.SIGTERM)
+
+    def stop_all(self, now: float) -> None:
+        for rec in self.runners.values():
+            if rec.alive and rec.state != "stopping":
+                self.stop_runner(rec, now, "shutting down")
+
+    def murder_runners(self, now: float) -> None:
+        for rec in self.runners.values():
+            if rec.pid is not None and rec.kill_at is not None and now >= rec.kill_at:
+                log.warning("runner of job %s (pid %d) did not stop in time: SIGKILL", rec.uuid, rec.pid)
+                _killpg(rec.pid, signal.SIGKILL)
+                rec.kill_at = now + 5.0
+
+    @property
+    def alive_count(self) -> int:
+        return sum(1 for rec in self.runners.values() if rec.alive)
+
+    # -- events --------------------------------------------------------------------------
+
+    def zygote_said(self, messages: list[Spawned | Exited], now: float) -> None:
+        for msg in messages:
+            if isinstance(msg, Spawned):
+                rec = self.runners.get(msg.job_uuid)
+                if rec is None or not rec.spawning:
+                    _killpg(msg.pid, signal.SIGKILL)  # nobody waits for it any more
+                    continue
+                rec.spawning = False
+                rec.pid = msg.pid
+                self.by_pid[msg.pid] = rec
+                if rec.state == "stopping":
+                    _killpg(msg.pid, signal.SIGTERM)
+            else:
+                self.runner_exited(msg.pid, msg.status, now)
+
+    def runner_exited(self, pid: int, status: int | None, now: float) -> None:
+        rec = self.by_pid.pop(pid, None)
+        if rec is None:
+            return
+        if rec.channel is not None:
+            self.read_runner(rec)  # a last result may still be in the pipe
+            self._close_channel(rec)
+        rec.pid = None
+        rec.running = False
+        rec.next_run_at = None
+        if rec.state == "stopping":
+            log.info("runner of job %s (pid %d) stopped", rec.uuid, pid)
+            rec.state = "starting"
+            return
+        if now - rec.started_at >= HEALTHY_RESET:
+            rec.failures = 0
+        rec.failures += 1
+        rec.restarts += 1
+        delay = backoff_delay(rec.failures)
+        rec.backoff_until = now + delay
+        rec.state = "backoff"
+        log.warning("runner of job %s (pid %d) died (%s); restarting in %.1fs", rec.uuid, pid,
+                    _describe_status(status), delay)
+
+    def zygote_lost(self, now: float) -> None:
+        """The zygote died: its runners died with it (PR_SET_PDEATHSIG)."""
+        for rec in list(self.runners.values()):
+            if rec.spawning:
+                rec.spawning = False
+                self._close_channel(rec)
+                rec.state = "starting"
+            if rec.pid is not None:
+                _killpg(rec.pid, signal.SIGKILL)
+                self.runner_exited(rec.pid, None, now)
+
+    def read_runner(self, rec: RunnerRecord) -> None:
+        channel = rec.channel
+        if channel is None:
+            return
+        try:
+            frames = channel.read()
+        except FrameError as e:
+            log.error("runner of job %s sent a bad frame (%s); killing it", rec.uuid, e)
+            if rec.pid is not None:
+                _killpg(rec.pid, signal.SIGKILL)
+            self._close_channel(rec)
+            return
+        for frame in frames:
+            if isinstance(frame, RunResult):
+                try:
+                    summary = _summary(frame.result)
+                except (msgspec.DecodeError, msgspec.ValidationError) as e:
+                    log.error("runner of job %s sent a result that does not decode: %s", rec.uuid, e)
+                    continue
+                rec.runs += 1
+                rec.last_result = {"uuid": summary.uuid, "status": summary.status, "reason": summary.reason,
+                                   "end": summary.end}
+                self.on_result(rec, summary, frame.result, frame.duration)
+            elif isinstance(frame, RunnerState):
+                if rec.state == "starting":
+                    rec.state = "running"
+                rec.running = frame.running
+                rec.next_run_at = frame.next_run_at
+        if channel.eof:
+            self._close_channel(rec)
+
+    def run_now(self, uuid: str) -> bool:
+        rec = self.runners.get(uuid)
+        if rec is None or rec.channel is None:
+            return False
+        try:
+            rec.channel.send(RunNow())
+        except (BrokenPipeError, FrameError):
+            return False
+        return True
+
+    def flush_channels(self) -> None:
+        for rec in self.runners.values():
+            if rec.channel is not None and rec.channel.pending_output:
+                try:
+                    rec.channel.flush()
+                except BrokenPipeError:
+                    pass
+
+    def _close_channel(self, rec: RunnerRecord) -> None:
+        if rec.channel is None:
+            return
+        try:
+            self.selector.unregister(rec.channel.rfd)
+        except (KeyError, ValueError):
+            pass
+        rec.channel.close()
+        rec.channel = None
+
+
+def _key(plan: RunnerConfig) -> str:
+    return hashlib.sha256(_encode(plan)).hexdigest()
+
+
+def _killpg(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
+    except PermissionError as e:
+        log.error("cannot signal process group %d: %s", pid, e)
+
+
+def _describe_status(status: int | None) -> str:
+    if status is None:
+        return "with the zygote"
+    if os.WIFSIGNALED(status):
+        return f"killed by signal {os.WTERMSIG(status)}"
+    return f"exit code {os.waitstatus_to_exitcode(status)}"

@@ -1,0 +1,77 @@
+"""Prometheus text exposition for GET /metrics; every name starts with assessment_runtime_."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from supervisor.service import Service
+
+PREFIX = "assessment_runtime_"
+
+
+def _label(value: object) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+class Metrics:
+    """Counters the loop bumps; gauges are read from the live state when rendered."""
+
+    def __init__(self) -> None:
+        self.runs: dict[tuple[str, str], int] = defaultdict(int)
+        self.duration_sum: dict[str, float] = defaultdict(float)
+        self.duration_count: dict[str, int] = defaultdict(int)
+        self.runner_exits = 0
+
+    def run_finished(self, job: str, status: str, duration: float) -> None:
+        self.runs[(job, status)] += 1
+        self.duration_sum[job] += duration
+        self.duration_count[job] += 1
+
+    def runner_exited(self) -> None:
+        self.runner_exits += 1
+
+    def render(self, service: "Service") -> str:
+        out: list[str] = []
+
+        def metric(name: str, kind: str, help_: str, samples: list[tuple[dict, float]]) -> None:
+            out.append(f"# HELP {PREFIX}{name} {help_}")
+            out.append(f"# TYPE {PREFIX}{name} {kind}")
+            for labels, value in samples:
+                text = ",".join(f'{k}="{_label(v)}"' for k, v in labels.items())
+                out.append(f"{PREFIX}{name}{{{text}}} {value:g}" if text else f"{PREFIX}{name} {value:g}")
+
+        metric("runs_total", "counter", "Plugin runs by job and result status.",
+               [({"job": j, "status": s}, n) for (j, s), n in sorted(self.runs.items())])
+        metric("run_duration_seconds_sum", "counter", "Total wall time of finished runs.",
+               [({"job": j}, v) for j, v in sorted(self.duration_sum.items())])
+        metric("run_duration_seconds_count", "counter", "Finished runs counted in the sum.",
+               [({"job": j}, v) for j, v in sorted(self.duration_count.items())])
+        runners = service.manager.runners.values()
+        metric("runner_restarts_total", "counter", "Runners restarted after they died.",
+               [({"job": r.uuid}, r.restarts) for r in sorted(runners, key=lambda r: r.uuid)])
+        states: dict[str, int] = defaultdict(int)
+        for r in runners:
+            states[r.state] += 1
+        metric("jobs", "gauge", "Jobs by runner state.", [({"state": s}, n) for s, n in sorted(states.items())])
+        metric("rejected_specs", "gauge", "Specs rejected (invalid or clashing).", [({}, len(service.rejected))])
+        status = service.status()["publisher"]
+        metric("publisher_restarts_total", "counter", "Publisher restarts.", [({}, service.publisher.restarts)])
+        metric("outbox_results", "gauge", "Results in the outbox not yet taken by every sink.",
+               [({}, status["outbox_results"])])
+        metric("outbox_bytes", "gauge", "Bytes of outbox segment files.", [({}, status["outbox_bytes"])])
+        metric("outbox_dropped_total", "counter", "Results dropped at the outbox bound.", [({}, status["dropped"])])
+        metric("unacknowledged_results", "gauge", "Results handed to the publisher, not yet acknowledged.",
+               [({}, len(service.publisher.unacked))])
+        sinks = status["sinks"]
+        for field, kind, help_ in (("delivered", "counter", "Results delivered by sink."),
+                                   ("pending", "gauge", "Results waiting for the sink."),
+                                   ("failures", "counter", "Failed delivery attempts by sink."),
+                                   ("dead_lettered", "counter", "Results the sink refused, kept in dead-letter/.")):
+            name = f"sink_{field}_total" if kind == "counter" else f"sink_{field}"
+            metric(name, kind, help_, [({"sink": s["name"]}, s.get(field) or 0) for s in sinks])
+        metric("source_consecutive_failures", "gauge", "Failed syncs in a row by source.",
+               [({"kind": s["kind"], "location": s["location"]}, s["consecutive_failures"])
+                for s in service.status()["sources"]])
+        return "\n".join(out) + "\n"

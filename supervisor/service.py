@@ -1,0 +1,423 @@
+"""The supervisor: `assessment-runtime run`.
+
+One loop, in the manner of gunicorn's Arbiter. Each turn: wait for an event (a runner's or
+the publisher's pipe, the zygote, the control socket, a signal or a thread's wake-up through
+the self-pipe) or the next timer; then handle queued signals, re-read sources that asked for
+it, reconcile runners with the store (level-triggered, every resync_interval and right after
+the store changes), SIGKILL runners that outlived their grace, and restart the publisher or
+zygote if either died.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import pwd
+import re
+import resource
+import selectors
+import signal
+import socket
+import time
+
+import msgspec
+
+from runner.log import setup_logging
+from runner.protocol import iso_time
+from runner.wire import ResultSummary
+from supervisor import __version__
+from supervisor.config import Config, ConfigError, load_config, load_runtime_uuid
+from supervisor.control import ControlServer, json_response
+from supervisor.delivery import PublisherLink
+from supervisor.folder import FolderWatcher, read_specs_folder
+from supervisor.manager import JobManager, RunnerRecord, ZygoteLink, backoff_delay, runner_config
+from supervisor.metrics import Metrics
+from supervisor.publisher import PublisherSettings
+from supervisor.store import Rejection, SpecStore
+
+log = logging.getLogger("supervisor")
+
+_RUN_PATH = re.compile(r"^/jobs/([^/]+)/run$")
+
+
+class SourceState:
+    """What status shows of one spec source."""
+
+    def __init__(self, kind: str, location: str):
+        self.kind = kind
+        self.location = location
+        self.revision: str | None = None
+        self.last_success: str | None = None
+        self.last_error: str | None = None
+        self.consecutive_failures = 0
+        self.rejected: list[Rejection] = []
+
+    def succeeded(self, revision: str | None) -> None:
+        self.revision = revision
+        self.last_success = iso_now()
+        self.last_error = None
+        self.consecutive_failures = 0
+
+    def failed(self, error: str) -> None:
+        self.last_error = error
+        self.consecutive_failures += 1
+
+    def as_dict(self) -> dict:
+        return {"kind": self.kind, "location": self.location, "revision": self.revision,
+                "last_success": self.last_success, "last_error": self.last_error,
+                "consecutive_failures": self.consecutive_failures}
+
+
+class Service:
+    def __init__(self, config_file: str):
+        self.config_file = config_file
+        self.config: Config = load_config(config_file)
+        self.run_as = resolve_run_as(self.config)
+        self.selector = selectors.DefaultSelector()
+        self.signals: list[int] = []
+        self.started_at = iso_now()
+        self.stopping = False
+        self.store_dirty = True
+        self.folder_dirty = True
+        self.next_resync = 0.0
+        self.metrics = Metrics()
+        self.zygote = ZygoteLink()
+        self.manager = JobManager(self.selector, self.zygote, self.on_result)
+        self.publisher = PublisherLink(self.selector)
+        self.folder_source: SourceState | None = None
+        self.watcher: FolderWatcher | None = None
+        self.zygote_restart_at: float | None = None
+        self.zygote_failures = 0
+        self.rejected: list[Rejection] = []
+
+    # -- start ---------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        cfg = self.config
+        setup_logging("supervisor", cfg.log_format, cfg.log_level)
+        # state_dir is traversable but not listable, so a plugin running as run_as_user can
+        # reach its own scratch folder (0700, its own) and nothing else
+        scratch = os.path.join(cfg.state_dir, "scratch")
+        for folder, mode in ((cfg.state_dir, 0o711), (scratch, 0o711), (cfg.run_dir, 0o755)):
+            try:
+                os.makedirs(folder, mode=mode, exist_ok=True)
+            except OSError as e:
+                raise ConfigError(f"{self.config_file}: cannot create {folder}: {e.strerror}") from None
+        os.chmod(scratch, 0o711)
+        self.runtime_uuid = load_runtime_uuid(cfg)
+        _raise_fd_limit()
+        self.store = SpecStore(cfg.state_dir)
+        self.store.load()
+        self.manager.stop_grace = cfg.jobs.stop_grace
+        # signals arrive through a self-pipe and are handled in the loop, never in the handler
+        self._wake_r, self._wake_w = socket.socketpair()
+        for s in (self._wake_r, self._wake_w):
+            s.setblocking(False)
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(sig, lambda signum, frame: self.signals.append(signum))
+        self.selector.register(self._wake_r, selectors.EVENT_READ, self._drain_wakeup)
+        self.zygote.start()
+        self.selector.register(self.zygote.sock, selectors.EVENT_READ, self.read_zygote)
+        self.publisher.start(self.publisher_settings(), time.monotonic())
+        self.control = ControlServer(os.path.join(cfg.run_dir, "control.sock"), self.selector, self.handle_request)
+        self.control.listen()
+        self.start_sources()
+        log.info("assessment-runtime %s started (runtime %s, %d stored specs)", __version__, self.runtime_uuid,
+                 sum(len(s) for s in self.store.specs.values()))
+
+    def start_sources(self) -> None:
+        cfg = self.config
+        if cfg.specs is not None:
+            self.folder_source = SourceState("dir", cfg.specs.dir)
+            self.watcher = FolderWatcher(cfg.specs.dir, self.notify_folder, cfg.jobs.resync_interval)
+            self.watcher.start()
+        self.folder_dirty = True
+
+    def stop_sources(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
+            self.watcher = None
+        self.folder_source = None
+
+    def publisher_settings(self) -> PublisherSettings:
+        cfg = self.config
+        return PublisherSettings(state_dir=cfg.state_dir, publisher=cfg.publisher, log_format=cfg.log_format,
+                                 log_level=cfg.log_level)
+
+    def notify_folder(self) -> None:
+        """Called from the watcher thread: flag it and wake the loop."""
+        self.folder_dirty = True
+        try:
+            self._wake_w.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def run(self) -> int:
+        self.setup()
+        while True:
+            now = time.monotonic()
+            timeout = max(0.0, min(self.next_resync, self._next_timer(now)) - now)
+            for key, mask in self.selector.select(min(timeout, 1.0)):
+                key.data()
+            now = time.monotonic()
+            self.handle_signals(now)
+            if self.stopping:
+                break
+            self.sync_sources(now)
+            if self.store_dirty or now >= self.next_resync:
+                self.manage_runners(now)
+            self.manager.murder_runners(now)
+            self.manager.flush_channels()
+            self.publisher.flush()
+            self.publisher.check(now)
+            self.check_zygote(now)
+        return self.shutdown()
+
+    def _next_timer(self, now: float) -> float:
+        timers = [now + 1.0]
+        for rec in self.manager.runners.values():
+            if rec.state == "backoff":
+                timers.append(rec.backoff_until)
+            if rec.kill_at is not None:
+                timers.append(rec.kill_at)
+        if self.publisher.restart_at is not None:
+            timers.append(self.publisher.restart_at)
+        if self.folder_dirty:
+            timers.append(now)
+        return min(timers)
+
+    def _drain_wakeup(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def handle_signals(self, now: float) -> None:
+        while self.signals:
+            sig = self.signals.pop(0)
+            if sig in (signal.SIGTERM, signal.SIGINT):
+                log.info("%s: stopping", signal.Signals(sig).name)
+                self.stopping = True
+            elif sig == signal.SIGHUP:
+                self.reload(now)
+            elif sig == signal.SIGCHLD:
+                self.publisher.check(now)
+                self.check_zygote(now)
+
+    def sync_sources(self, now: float) -> None:
+        """Re-read the folder source when the watcher or the resync timer asks."""
+        if self.folder_source is None or not (self.folder_dirty or now >= self.next_resync):
+            return
+        self.folder_dirty = False
+        source = self.folder_source
+        try:
+            specs, rejected = read_specs_folder(source.location)
+        except OSError as e:
+            source.failed(f"cannot read {source.location}: {e.strerror}")
+            log.error("spec folder: %s; keeping the stored specs", source.last_error)
+            return
+        source.rejected = rejected
+        for r in rejected:
+            log.warning("rejected spec (%s): %s", r.uuid or "no uuid", r.reason)
+        if self.store.replace("dir", specs):
+            self.store_dirty = True
+        source.succeeded(_folder_revision(specs))
+
+    def manage_runners(self, now: float) -> None:
+        self.store_dirty = False
+        self.next_resync = now + self.config.jobs.resync_interval
+        specs, clashes = self.store.desired()
+        self.rejected = clashes + list(self.store.problems)
+        if self.folder_source is not None:
+            self.rejected += self.folder_source.rejected
+        if self.zygote.sock is None:
+            return
+        desired = {uuid: (spec, runner_config(spec, self.config, self.runtime_uuid, self.run_as))
+                   for uuid, spec in specs.items()}
+        self.manager.manage_runners(desired, now)
+
+    def read_zygote(self) -> None:
+        messages = self.zygote.messages()
+        now = time.monotonic()
+        if messages:
+            self.manager.zygote_said(messages, now)
+            for msg in messages:
+                if hasattr(msg, "status"):
+                    self.metrics.runner_exited()
+        if messages is None:
+            self.zygote_gone(now)
+
+    def zygote_gone(self, now: float) -> None:
+        if self.zygote.sock is not None:
+            self.selector.unregister(self.zygote.sock)
+        self.zygote.stop(timeout=2.0)
+        self.manager.zygote_lost(now)
+        if self.stopping:
+            return
+        self.zygote_failures += 1
+        self.zygote_restart_at = now + backoff_delay(self.zygote_failures)
+        log.error("zygote died; starting a new one in %.1fs", self.zygote_restart_at - now)
+
+    def check_zygote(self, now: float) -> None:
+        proc = self.zygote.proc
+        if proc is not None and proc.poll() is not None:
+            self.zygote_gone(now)
+        if self.zygote.sock is None and self.zygote_restart_at is not None and now >= self.zygote_restart_at:
+            self.zygote_restart_at = None
+            self.zygote.start()
+            self.selector.register(self.zygote.sock, selectors.EVENT_READ, self.read_zygote)
+            self.store_dirty = True
+
+    def on_result(self, rec: RunnerRecord, summary: ResultSummary, raw: msgspec.Raw, duration: float) -> None:
+        self.metrics.run_finished(rec.uuid, summary.status, duration)
+        self.publisher.publish(summary.uuid, raw)
+
+    # -- reload and stop -----------------------------------------------------------------
+
+    def reload(self, now: float) -> None:
+        try:
+            config = load_config(self.config_file)
+            run_as = resolve_run_as(config)
+        except ConfigError as e:
+            log.error("SIGHUP: config not reloaded, keeping the running one: %s", e)
+            return
+        old = self.config
+        self.config, self.run_as = config, run_as
+        setup_logging("supervisor", config.log_format, config.log_level)
+        self.manager.stop_grace = config.jobs.stop_grace
+        if config.specs != old.specs or config.jobs.resync_interval != old.jobs.resync_interval:
+            self.stop_sources()
+            self.start_sources()
+            if config.specs is None:
+                self.store.replace("dir", {})
+        if self.publisher_settings() != self.publisher.settings:
+            log.info("publisher settings changed: restarting the publisher")
+            self.publisher.stop(timeout=5.0)
+            self.publisher.stopping = False
+            self.publisher.start(self.publisher_settings(), now)
+        self.store_dirty = True
+        log.info("config reloaded from %s", self.config_file)
+
+    def shutdown(self) -> int:
+        """Stop runners (grace, then SIGKILL), hand their last results over, flush, exit 0."""
+        now = time.monotonic()
+        self.stop_sources()
+        self.control.close()
+        self.manager.stop_all(now)
+        deadline = now + self.config.jobs.stop_grace + 10.0
+        while self.manager.alive_count and time.monotonic() < deadline:
+            for key, _ in self.selector.select(0.2):
+                key.data()
+            self.signals.clear()
+            now = time.monotonic()
+            self.manager.murder_runners(now)
+            self.publisher.flush()
+            self.publisher.check(now)
+        self.publisher.stop(timeout=10.0)
+        self.zygote.stop(timeout=5.0)
+        log.info("stopped")
+        return 0
+
+    # -- control socket ------------------------------------------------------------------
+
+    def handle_request(self, method: str, path: str) -> tuple[int, str, bytes]:
+        if path == "/status":
+            if method != "GET":
+                return json_response(405, {"error": "use GET"})
+            return json_response(200, self.status())
+        if path == "/metrics":
+            if method != "GET":
+                return json_response(405, {"error": "use GET"})
+            return 200, "text/plain; version=0.0.4", self.metrics.render(self).encode()
+        m = _RUN_PATH.match(path)
+        if m:
+            if method != "POST":
+                return json_response(405, {"error": "use POST"})
+            uuid = m.group(1)
+            if uuid not in self.manager.runners:
+                return json_response(404, {"error": f"unknown job {uuid}"})
+            if not self.manager.run_now(uuid):
+                return json_response(409, {"error": f"job {uuid} has no runner right now"})
+            return json_response(202, {"job": uuid, "run": "requested"})
+        return json_response(404, {"error": f"no such path {path}"})
+
+    def status(self) -> dict:
+        now = time.monotonic()
+        jobs = []
+        for rec in sorted(self.manager.runners.values(), key=lambda r: r.uuid):
+            job = rec.spec.job if rec.spec else None
+            jobs.append({
+                "uuid": rec.uuid,
+                "title": job.title if job else None,
+                "plugin": job.plugin.label if job else None,
+                "revision": rec.spec.revision if rec.spec else None,
+                "state": rec.state,
+                "pid": rec.pid,
+                "runs": rec.runs,
+                "restarts": rec.restarts,
+                "next_run_in": None if rec.next_run_at is None else round(max(0.0, rec.next_run_at - now), 3),
+                "last_result": rec.last_result,
+            })
+        sources = [s.as_dict() for s in (self.folder_source,) if s is not None]
+        stats = self.publisher.stats
+        sink_kinds = {s.name: s.kind for s in self.config.publisher.sink}
+        return {
+            "runtime_uuid": self.runtime_uuid,
+            "version": __version__,
+            "pid": os.getpid(),
+            "started_at": self.started_at,
+            "sources": sources,
+            "jobs": jobs,
+            "rejected": [msgspec.to_builtins(r) for r in self.rejected],
+            "publisher": {
+                "pid": self.publisher.pid,
+                "outbox_results": stats.outbox_results if stats else 0,
+                "outbox_bytes": stats.outbox_bytes if stats else 0,
+                "dropped": (stats.dropped if stats else 0) + self.publisher.dropped_unacked,
+                "sinks": [msgspec.to_builtins(s) for s in stats.sinks] if stats else
+                         [{"name": n, "kind": k, "delivered": 0, "pending": 0, "failures": 0, "dead_lettered": 0,
+                           "last_error": None} for n, k in sink_kinds.items()],
+            },
+        }
+
+
+def resolve_run_as(config: Config) -> tuple[int, int] | None:
+    """(uid, gid) of run_as_user when we are root; plugins run as ourselves otherwise."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        pw = pwd.getpwnam(config.jobs.run_as_user)
+    except KeyError:
+        raise ConfigError(f"key jobs.run_as_user: user {config.jobs.run_as_user!r} does not exist "
+                          f"(create it, or set run_as_user to an unprivileged user)") from None
+    if pw.pw_uid == 0:
+        raise ConfigError(f"key jobs.run_as_user: {config.jobs.run_as_user!r} is root; plugins must not run as root")
+    return pw.pw_uid, pw.pw_gid
+
+
+def iso_now() -> str:
+    return iso_time(time.time())
+
+
+def _folder_revision(specs: dict) -> str:
+    h = hashlib.sha256()
+    for uuid in sorted(specs):
+        h.update(f"{uuid}:{specs[uuid].revision};".encode())
+    return h.hexdigest()[:16]
+
+
+def _raise_fd_limit() -> None:
+    """Two pipe ends per runner: a thousand jobs need more than the usual 1024 fds."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as e:
+            if getattr(e, "errno", None) != errno.EPERM:
+                log.warning("cannot raise the open files limit: %s", e)
