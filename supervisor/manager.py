@@ -164,10 +164,17 @@ class JobManager:
         self.runners: dict[str, RunnerRecord] = {}
         self.by_pid: dict[int, RunnerRecord] = {}
         self.stop_grace = 5.0
+        self.exited = False  # a runner exited since the last reconcile: its job may need a new one
+
+    def due(self, now: float) -> bool:
+        """Whether a reconcile would start something now (an exit, or a backoff that is over)."""
+        return self.exited or any(r.state == "backoff" and not r.alive and now >= r.backoff_until
+                                  for r in self.runners.values())
 
     # -- reconcile -----------------------------------------------------------------------
 
     def manage_runners(self, desired: dict[str, tuple[Spec, RunnerConfig]], now: float) -> None:
+        self.exited = False
         for uuid, rec in list(self.runners.items()):
             want = desired.get(uuid)
             if rec.alive and rec.state != "stopping" and (want is None or _key(want[1]) != rec.key):
@@ -257,6 +264,7 @@ class JobManager:
         rec.pid = None
         rec.running = False
         rec.next_run_at = None
+        self.exited = True
         if rec.state == "stopping":
             log.info("runner of job %s (pid %d) stopped", rec.uuid, pid)
             rec.state = "starting"

@@ -169,7 +169,7 @@ class Service:
             if self.stopping:
                 break
             self.sync_sources(now)
-            if self.store_dirty or now >= self.next_resync:
+            if self.store_dirty or now >= self.next_resync or self.manager.due(now):
                 self.manage_runners(now)
             self.manager.murder_runners(now)
             self.manager.flush_channels()
