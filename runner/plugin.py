@@ -220,7 +220,8 @@ class PluginResolver:
                 why += ' (expected "assessment/1" or "nagios")'
             raise PluginError(f"invalid plugin.toml: {path}: {why}") from None
         if manifest.name != self.name:
-            raise PluginError(f"invalid plugin.toml: {path}: $.name: {manifest.name!r} is not the folder name {self.name!r}")
+            raise PluginError(f"invalid plugin.toml: {path}: $.name: {manifest.name!r} "
+                              f"is not the folder name {self.name!r}")
         if manifest.version != self.version:
             raise PluginError(f"invalid plugin.toml: {path}: $.version: {manifest.version!r} "
                               f"is not the folder name {self.version!r}")

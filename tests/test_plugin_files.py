@@ -123,7 +123,8 @@ def test_names_that_could_leave_plugin_dirs_are_refused(tmp_path, name, version)
 # -- manifest --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("manifest,expected", [
-    ('name = "demo"\nversion = "1.0.0"\nentrypoint = "run"\nprotocol = "bogus"\n', "$.protocol: Invalid enum value 'bogus' (expected \"assessment/1\" or \"nagios\")"),
+    ('name = "demo"\nversion = "1.0.0"\nentrypoint = "run"\nprotocol = "bogus"\n',
+     "$.protocol: Invalid enum value 'bogus' (expected \"assessment/1\" or \"nagios\")"),
     ('name = "demo"\nversion = "1.0.0"\nprotocol = "nagios"\n', "$: Object missing required field `entrypoint`"),
     ('name = "demo"\nversion = "1.0.0"\nentrypoint = 7\nprotocol = "nagios"\n', "$.entrypoint: Expected `str`"),
     ('name = "demo"\nversion = "1.0.0"\nentrypoint = "run"\nprotocol = "nagios"\ndescription = 3\n', "$.description:"),
