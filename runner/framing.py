@@ -39,6 +39,7 @@ class Channel:
         self._outbuf = bytearray()
         self.eof = False
         self.torn_bytes = 0
+        self._error: FrameError | None = None
 
     # -- reading -------------------------------------------------------------------------
 
@@ -62,13 +63,18 @@ class Channel:
         return self._frames()
 
     def _frames(self) -> list[Any]:
+        if self._error is not None:
+            raise self._error
         out = []
         buf = self._inbuf
         pos = 0
         while len(buf) - pos >= _HEADER:
             size = int.from_bytes(buf[pos:pos + _HEADER], "big")
             if size > self._max:
-                raise FrameError(f"frame of {size} bytes is over the {self._max} byte limit")
+                self._error = FrameError(f"frame of {size} bytes is over the {self._max} byte limit")
+                if not out:
+                    raise self._error
+                return out
             if len(buf) - pos - _HEADER < size:
                 break
             payload = bytes(buf[pos + _HEADER:pos + _HEADER + size])
@@ -76,7 +82,11 @@ class Channel:
             try:
                 out.append(self._decoder.decode(payload) if self._decoder else payload)
             except (msgspec.DecodeError, msgspec.ValidationError) as e:
-                raise FrameError(f"undecodable frame: {e}") from None
+                self._inbuf.clear()
+                self._error = FrameError(f"undecodable frame: {e}")
+                if not out:
+                    raise self._error from None
+                return out  # the good frames before it stand; the next read raises
         if pos:
             del buf[:pos]
         if self.eof and buf:

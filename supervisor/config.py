@@ -164,6 +164,17 @@ def _check(config: Config, path: str) -> None:
             _check_url(sink.url, sink.allow_http, f"{where}.url")
     if config.configuration is not None:
         _check_url(config.configuration.url, config.configuration.allow_http, f"{path}: key configuration.url")
+    positive = [("jobs.resync_interval", config.jobs.resync_interval), ("jobs.default_timeout", config.jobs.default_timeout),
+                ("publisher.flush_interval", config.publisher.flush_interval)]
+    positive += [(f"jobs.default_limits.{k}", getattr(config.jobs.default_limits, k))
+                 for k in ("memory", "cpu_time", "output")]
+    if config.configuration is not None:
+        positive += [("configuration.sync_interval", config.configuration.sync_interval),
+                     ("configuration.timeout", config.configuration.timeout)]
+    positive += [(f"publisher.sink[{i}].timeout", s.timeout) for i, s in enumerate(config.publisher.sink)]
+    for key, value in positive:
+        if value is not None and value <= 0:
+            raise ConfigError(f"{path}: key {key}: must be greater than 0")
     if config.runtime_uuid is not None:
         try:
             uuidlib.UUID(config.runtime_uuid)

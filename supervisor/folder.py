@@ -44,7 +44,7 @@ def read_spec_file(path: str) -> tuple[list[Spec], list[Rejection]]:
         if path.endswith(".toml"):
             doc: Any = tomllib.loads(data.decode("utf-8"))
             if set(doc) == {"job"} and isinstance(doc["job"], list):
-                items = [(f"job[{i}]", obj) for i, obj in enumerate(doc["job"])]
+                items = [(f"$.job[{i}]", obj) for i, obj in enumerate(doc["job"])]
             else:
                 items = [("$", doc)]
         else:

@@ -24,6 +24,7 @@ import bisect
 import fcntl
 import logging
 import os
+import re
 import struct
 import threading
 import time
@@ -41,6 +42,7 @@ SEQ_DIGITS = 20
 READ_MAX_BYTES = 16 << 20  # one read() returns at most about this much (always >= 1 record)
 DROP_LOG_QUIET = 60.0  # drops closer together than this are one burst: logged once
 _READ_CHUNK = 1 << 20
+_TEMP_FILE = re.compile(r"\.tmp\.\d+$")
 
 
 class OutboxError(OSError):
@@ -111,7 +113,7 @@ class Outbox:
     # -- opening -------------------------------------------------------------------------
 
     def _recover(self, sinks: list[str]) -> None:
-        self._remove_temp_files()
+        self._remove_temp_files(sinks)
         self.dropped = self._load_stats().dropped
         names = sorted((int(n[:-len(SEGMENT_SUFFIX)]), n) for n in os.listdir(self.folder)
                        if n.endswith(SEGMENT_SUFFIX) and n[:-len(SEGMENT_SUFFIX)].isdigit())
@@ -135,9 +137,11 @@ class Outbox:
         self._remove_passed_segments()
         self._enforce_bound()
 
-    def _remove_temp_files(self) -> None:
+    def _remove_temp_files(self, sinks: list[str]) -> None:
+        """Remove what a write_atomic interrupted by a crash left: `<file>.tmp.<pid>`."""
+        keep = {f"cursor.{sink}" for sink in sinks}  # a sink may be named like a temp file
         for name in os.listdir(self.folder):
-            if ".tmp." in name:  # left by a write_atomic that a crash interrupted
+            if _TEMP_FILE.search(name) and name not in keep:
                 try:
                     os.unlink(os.path.join(self.folder, name))
                 except OSError:

@@ -41,12 +41,13 @@ from runner.log import setup_logging
 from supervisor.config import Publisher as PublisherConfig
 from supervisor.outbox import Outbox
 from supervisor.sink import ResultSink, make_sink
-from supervisor.units import Duration, Size, dec_hook
+from supervisor.units import dec_hook
 
 STATS_INTERVAL = 1.0
 DRAIN_TIMEOUT = 5.0
 SETTINGS_TIMEOUT = 30.0
 BACKOFF_MAX = 300.0
+IDLE_WAIT_MIN = 1.0  # an idle sink thread rechecks no more often than this (a commit wakes it at once)
 MAX_STATS_BACKLOG = 1 << 20  # the supervisor is not reading: skip stats rather than queue them
 EXIT_BAD_FRAME = 65  # sysexits EX_DATAERR
 EXIT_OUTBOX_ERROR = 74  # sysexits EX_IOERR
@@ -99,24 +100,6 @@ SupervisorToPublisher = PublisherSettings | Publish
 PublisherToSupervisor = Acked | PublisherStats
 
 
-def _units_as_numbers(obj: object) -> object:
-    # Config values are Duration (a float) and Size (an int); msgpack has no such types.
-    if isinstance(obj, Duration):
-        return float(obj)
-    if isinstance(obj, Size):
-        return int(obj)
-    raise NotImplementedError(f"cannot encode {type(obj).__name__}")
-
-
-_settings_encoder = msgspec.msgpack.Encoder(enc_hook=_units_as_numbers)
-
-
-def encode_settings(settings: PublisherSettings) -> bytes:
-    """The settings frame's payload, for Channel.send_payload (the Channel's own encoder
-    does not know Duration and Size)."""
-    return _settings_encoder.encode(settings)
-
-
 class _ResultEnd(msgspec.Struct):
     end: str
 
@@ -166,14 +149,16 @@ class SinkWorker:
                 if stopping and now >= self.stop_at:
                     return False
                 if now < self._retry_at:
-                    self.wakeup.wait(min(self._retry_at, self.stop_at or self._retry_at) - now)
+                    if stopping and self._retry_at >= self.stop_at:
+                        return False  # no retry fits before the deadline: waiting would only delay the exit
+                    self.wakeup.wait(self._retry_at - now)
                     continue
                 pending = self.outbox.pending(self.name)
                 if pending == 0:
                     if stopping:
                         return False  # drained
                     self._first_pending_at = None
-                    self.wakeup.wait(self.flush_interval)
+                    self.wakeup.wait(max(self.flush_interval, IDLE_WAIT_MIN))  # a commit notifies us sooner
                     continue
                 if self._first_pending_at is None:
                     self._first_pending_at = now
@@ -449,6 +434,8 @@ def main(argv: list[str]) -> int:
     rfd, wfd, parent = (int(a) for a in argv)
     linux.die_with_parent(parent)
     linux.set_process_name("ar-publisher")
+    # Until the loop installs its handlers, nothing is acknowledged: a signal may simply end us.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     setup_logging("publisher")  # until the settings name the format and level
     channel = Channel(rfd, wfd, decode_type=None, max_frame=MAX_FRAME)
     try:

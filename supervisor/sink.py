@@ -83,8 +83,27 @@ class FileSink:
         folder = os.path.dirname(self.path)
         if folder:
             os.makedirs(folder, exist_ok=True)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, FILE_MODE)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, FILE_MODE)
+        self._cut_torn_line()
         return self._fd
+
+    def _cut_torn_line(self) -> None:
+        """A crash mid-batch (SIGKILL, power cut) can leave a partial last line. Its batch was
+        never marked delivered and comes again in full, so cut the fragment rather than
+        glue the next line onto it."""
+        size = end = os.fstat(self._fd).st_size
+        while end > 0:
+            start = max(0, end - 65536)
+            newline = os.pread(self._fd, end - start, start).rfind(b"\n")
+            if newline >= 0:
+                end = start + newline + 1
+                break
+            end = start
+        if end < size:
+            os.ftruncate(self._fd, end)
+            os.fsync(self._fd)
+            log.warning("sink %s: cut a torn last line of %d bytes from %s (left by a crash; "
+                        "its results are delivered again)", self.name, size - end, self.path)
 
     def _moved(self) -> bool:
         try:

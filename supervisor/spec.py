@@ -11,9 +11,9 @@ import msgspec
 from supervisor.units import Duration, Size, dec_hook
 
 # Names, versions and uuids end up in file names: this pattern keeps them inside our folders.
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$"
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}\Z"  # \Z: "$" would allow a final newline
 Name = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
-Sha256 = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-fA-F]{64}$")]
+Sha256 = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-fA-F]{64}\Z")]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 _NAME_RE = re.compile(NAME_PATTERN)
 _FIELD_MESSAGE = re.compile(r"^Object (missing required|contains unknown) field `(.+)`$")

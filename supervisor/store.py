@@ -69,7 +69,7 @@ class SpecStore:
 
     def _quarantine(self, source: str, path: str, reason: str) -> None:
         os.makedirs(self.quarantine_dir, mode=0o700, exist_ok=True)
-        target = os.path.join(self.quarantine_dir, f"{source}-{os.path.basename(path)}-{int(time.time())}")
+        target = os.path.join(self.quarantine_dir, f"{source}-{os.path.basename(path)}-{time.time_ns()}")
         os.replace(path, target)
         fsync_dir(os.path.dirname(path))
         uuid = os.path.basename(path).removesuffix(".json")

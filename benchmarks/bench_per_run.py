@@ -1,0 +1,179 @@
+"""Benchmark 1: CPU cost per plugin run, against a bare posix_spawn+waitpid loop.
+
+N jobs of the same trivial plugin at interval 1s (so ~N runs/s, spread by each job's splay)
+run for a fixed window after a warm-up. CPU of the runtime's own processes (supervisor,
+zygote, publisher, runners: psutil cpu_times user+system, excluding children) is sampled at
+the window's start and end; the plugins' CPU is what the runners reaped (children_user +
+children_system of each runner). Runs in the window are counted from the results file by
+their `start`. The baseline (spawn_baseline.py) runs the same plugin the same number of
+times at the same rate, in the same benchmark run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from benchlib import (PYTHON, SH_PLUGIN, Area, BenchError, ResultsTail, Service, cpu_delta, cpu_snapshot,
+                      install_plugin, iso_to_epoch, job_spec, read_results, stdin_document, system_busy, wait_for)
+
+HERE = Path(__file__).resolve().parent
+YARDSTICKS_MS = {"Nagios Core 4": 0.51, "Icinga 2": 1.4}
+TARGET_RATIO = 1.3
+OWN_ROLES = ("supervisor", "zygote", "publisher", "runner", "other")
+
+
+def run_variant(area: Area, kind: str, jobs: int, window: float, warmup: float,
+                c_binary: Path | None = None, log=print) -> dict:
+    """One measurement: `jobs` jobs of the `kind` ("sh" or "c") plugin at 1 run/s each."""
+    name = f"per-run-{kind}-{jobs}"
+    root = area.sub(name)
+    svc = Service(root)
+    plugin = "trivial"
+    if kind == "sh":
+        entry = install_plugin(svc.plugins, plugin, script=SH_PLUGIN)
+    else:
+        entry = install_plugin(svc.plugins, plugin, binary=c_binary)
+    specs = [job_spec(plugin=plugin, interval="1s", title=f"bench job {i}") for i in range(jobs)]
+    for i, doc in enumerate(specs):
+        svc.write_spec(f"job-{i:04d}.json", doc)
+    out: dict = {"name": name, "plugin": kind, "jobs": jobs, "interval_s": 1.0, "window_s": window,
+                 "warmup_s": warmup, "nominal_rate": jobs / 1.0, "loadavg_before": os.getloadavg()[0]}
+    try:
+        t_start = time.monotonic()
+        svc.start()
+        svc.wait_runners(jobs, timeout=60)
+        out["startup_s"] = round(time.monotonic() - t_start, 2)
+        tail = ResultsTail(svc.results_file)
+        wait_for(lambda: tail.new(), 10, 0.2, what="first results in the file")
+        time.sleep(warmup)
+
+        # each snapshot reads every process once; its clock is the middle of that read
+        procs0 = svc.tree()
+        m_a, w_a = time.monotonic(), time.time()
+        snap0 = cpu_snapshot(procs0)
+        busy0 = system_busy()
+        m_b, w_b = time.monotonic(), time.time()
+        mono0, wall0 = (m_a + m_b) / 2, (w_a + w_b) / 2
+        time.sleep(max(0.0, window - (m_b - m_a)))
+        procs1 = svc.tree()
+        m_a, w_a = time.monotonic(), time.time()
+        snap1 = cpu_snapshot(procs1)
+        busy1 = system_busy()
+        m_b, w_b = time.monotonic(), time.time()
+        mono1, wall1 = (m_a + m_b) / 2, (w_a + w_b) / 2
+        elapsed = mono1 - mono0
+        out["snapshot_s"] = round(m_b - m_a, 3)
+        delta = cpu_delta(snap0, snap1)
+
+        # every result the supervisor has counted must reach the file (bounded wait)
+        status = svc.status()
+        received = sum(j["runs"] for j in status["jobs"])
+        restarts = sum(j["restarts"] for j in status["jobs"])
+        try:
+            wait_for(lambda: len(read_results(svc.results_file)) >= received, 15, 0.25,
+                     what="the results file to catch up with the supervisor's run counters")
+        except BenchError:
+            pass
+        results = read_results(svc.results_file)
+        uuids = [r.uuid for r in results]
+        in_window = [r for r in results if wall0 <= iso_to_epoch(r.start) < wall1]
+        runs = len(in_window)
+        out.update({
+            "elapsed_s": round(elapsed, 3),
+            "runs_in_window": runs,
+            "runs_expected_in_window": round(jobs * elapsed),
+            "achieved_rate": round(runs / elapsed, 2),
+            "keeps_up": runs >= 0.95 * jobs * elapsed,
+            "not_satisfied_in_window": sum(1 for r in in_window if r.status != "satisfied"),
+            "results_received_by_supervisor": received,
+            "results_in_file": len(results),
+            "results_lost": max(0, received - len(results)),
+            "duplicate_results": len(uuids) - len(set(uuids)),
+            "runner_restarts": restarts,
+            "processes": {role: len(p) for role, p in procs1.items() if role != "plugin"},
+            "processes_vanished_in_window": delta["vanished"],
+            "processes_born_in_window": delta["born"],
+        })
+        if runs == 0:
+            raise BenchError(f"{name}: no runs in the measurement window; log tail:\n{svc.log_tail()}")
+        by_role = delta["by_role"]
+        cpu = {role: round(by_role.get(role, {}).get("own", 0.0), 4) for role in OWN_ROLES}
+        plugin_cpu = by_role.get("runner", {}).get("children", 0.0)
+        own_total = sum(cpu.values())
+        out["cpu_s"] = dict(cpu, plugins=round(plugin_cpu, 4), runtime_total=round(own_total, 4))
+        # CPU the rest of the machine used meanwhile (other work on the host skews everything)
+        out["foreign_load_cores"] = round(max(0.0, (busy1 - busy0) - own_total - plugin_cpu) / elapsed, 2)
+        out["cpu_user_system_s"] = {role: {"user": round(v["user"], 4), "system": round(v["system"], 4)}
+                                    for role, v in by_role.items()}
+        out["per_run_ms"] = {role: round(1000 * v / runs, 4) for role, v in cpu.items()}
+        out["per_run_ms"]["plugin"] = round(1000 * plugin_cpu / runs, 4)
+        out["per_run_ms"]["runtime_excl_plugin"] = round(1000 * own_total / runs, 4)
+        out["per_run_ms"]["runtime_total"] = round(1000 * (own_total + plugin_cpu) / runs, 4)
+    finally:
+        code = svc.stop()
+        out["stop_exit_code"] = code
+
+    # the baseline: the same plugin, the same number of runs, at the same rate
+    stdin_file = root / "stdin.json"
+    stdin_file.write_bytes(stdin_document(specs[0]))
+    rate = runs / elapsed
+    log(f"  [{name}] baseline: posix_spawn loop, {runs} runs at {rate:.1f}/s ...")
+    busy0 = system_busy()
+    r = subprocess.run([PYTHON, str(HERE / "spawn_baseline.py"), str(entry), repr(rate), str(runs), str(stdin_file)],
+                       capture_output=True, text=True, timeout=runs / rate * 3 + 30)
+    busy1 = system_busy()
+    if r.returncode != 0:
+        raise BenchError(f"{name}: baseline failed: {r.stderr.strip()[-500:]}")
+    base = json.loads(r.stdout)
+    base["foreign_load_cores"] = round(
+        max(0.0, (busy1 - busy0) - base["own_cpu"] - base["children_cpu"]) / base["elapsed"], 2)
+    if base["failures"]:
+        raise BenchError(f"{name}: {base['failures']} baseline runs failed")
+    out["baseline"] = base
+    b_own = 1000 * base["own_cpu"] / base["runs"]
+    b_kids = 1000 * base["children_cpu"] / base["runs"]
+    out["baseline_per_run_ms"] = {"loop_excl_plugin": round(b_own, 4), "plugin": round(b_kids, 4),
+                                  "total": round(b_own + b_kids, 4)}
+    ours = out["per_run_ms"]["runtime_total"]
+    out["ratio_total_vs_baseline"] = round(ours / (b_own + b_kids), 3)
+    out["overhead_beyond_spawn_wait_ms"] = round(ours - (b_own + b_kids), 4)
+    out["plugin_cpu_ratio_vs_baseline"] = round(out["per_run_ms"]["plugin"] / b_kids, 3) if b_kids else None
+    out["meets_target"] = out["ratio_total_vs_baseline"] <= TARGET_RATIO
+    return out
+
+
+def format_variant(r: dict) -> list[str]:
+    pr, b = r["per_run_ms"], r["baseline_per_run_ms"]
+    lines = [
+        f"  {r['name']}: {r['jobs']} jobs x 1 run/s, window {r['elapsed_s']:.1f}s "
+        f"(service up in {r['startup_s']}s; other load on the host: {r['foreign_load_cores']:.2f} cores "
+        f"during the window, {r['baseline']['foreign_load_cores']:.2f} during the baseline)",
+        f"    runs in window      {r['runs_in_window']} of ~{r['runs_expected_in_window']} nominal "
+        f"({r['achieved_rate']:.1f}/s; {'keeps up' if r['keeps_up'] else 'DOES NOT KEEP UP'}); "
+        f"not satisfied: {r['not_satisfied_in_window']}",
+        f"    delivery            {r['results_in_file']} in file / {r['results_received_by_supervisor']} received by "
+        f"the supervisor: lost {r['results_lost']}, duplicates {r['duplicate_results']}, "
+        f"runner restarts {r['runner_restarts']}",
+        f"    runtime CPU/run     {pr['runtime_excl_plugin']:.3f} ms excl. plugin   "
+        f"(baseline loop excl. plugin {b['loop_excl_plugin']:.3f} ms)",
+        f"    plugin CPU/run      {pr['plugin']:.3f} ms   (baseline {b['plugin']:.3f} ms; "
+        f"x{r['plugin_cpu_ratio_vs_baseline']} - includes the runner's fork child up to exec)",
+        f"    total CPU/run       {pr['runtime_total']:.3f} ms vs baseline {b['total']:.3f} ms  ->  "
+        f"ratio {r['ratio_total_vs_baseline']:.2f}x (target <= {TARGET_RATIO}x: "
+        f"{'met' if r['meets_target'] else 'NOT met'})",
+        f"    overhead beyond spawn+wait: {r['overhead_beyond_spawn_wait_ms']:.3f} ms/run   "
+        f"(yardsticks: " + ", ".join(f"{k} {v} ms" for k, v in YARDSTICKS_MS.items()) + ")",
+        "    where the CPU goes (ms/run, share of the total): " + ", ".join(
+            f"{role} {pr[key]:.3f} ({100 * pr[key] / pr['runtime_total']:.0f}%)"
+            for role, key in (("supervisor", "supervisor"), ("publisher", "publisher"), ("zygote", "zygote"),
+                              ("runners", "runner"), ("plugins incl. fork child", "plugin"))
+        ) + (f", other {pr['other']:.3f}" if pr.get("other") else ""),
+    ]
+    us = r["cpu_user_system_s"]
+    lines.append("    user/sys split (s in window): " + ", ".join(
+        f"{role} {v['user']:.2f}/{v['system']:.2f}" for role, v in sorted(us.items())))
+    return lines

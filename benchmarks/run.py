@@ -1,0 +1,317 @@
+"""`make bench`: every benchmark in turn, each against a baseline measured in the same run.
+
+    .venv/bin/python benchmarks/run.py [--window S] [--quick] [--only NAME ...] [--json FILE]
+
+Prints a readable report and writes the numbers to benchmarks/last-run.json. Nothing is
+asserted: targets are shown next to the measurements. The service is started for real
+through its CLI (`python -m supervisor run --config F`) in a scratch folder under /tmp that
+is removed at the end; every process started is killed at the end, even on error.
+
+Benchmarks:
+  per-run    CPU per plugin run (runtime's own processes, and the plugins) vs a bare
+             posix_spawn+waitpid loop, for a /bin/sh plugin and a compiled C plugin, at
+             100 and (if the machine keeps up) 200 runs/s
+  spawn      diagnostic: the runner's spawn path (fork of a Python process) vs posix_spawn
+  memory     USS of idle runners vs a fresh Python interpreter
+  latency    spec file change -> first result of the new revision, vs a fresh `python -c pass`
+  outbox     benchmarks/outbox_bench.run(), when that module is present
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+import benchlib  # noqa: E402
+from benchlib import IS_ROOT, PYTHON, RUN_AS_USER, SH_PLUGIN, Area, compile_c_plugin  # noqa: E402
+
+ALL = ("per-run", "spawn", "memory", "latency", "outbox")
+
+
+def say(*lines: str) -> None:
+    for line in lines:
+        print(line, flush=True)
+
+
+def section(title: str) -> None:
+    say("", f"== {title} " + "=" * max(0, 74 - len(title)))
+
+
+def _stop_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds through every finally: services are stopped
+
+
+def environment() -> dict:
+    return {"python": platform.python_version(), "kernel": platform.release(), "cpus": os.cpu_count(),
+            "loadavg": [round(x, 2) for x in os.getloadavg()], "root": IS_ROOT,
+            "run_as_user": RUN_AS_USER if IS_ROOT else None, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+# -- the benchmarks ------------------------------------------------------------------------
+
+def bench_per_run(area: Area, args, report: dict) -> None:
+    import bench_per_run as b
+    section("1. per-run cost: CPU per plugin run vs a bare posix_spawn+waitpid loop")
+    c_binary, how = compile_c_plugin(area.path)
+    report["c_plugin"] = how if c_binary else None
+    say(f"  plugins: /bin/sh script (`cat >/dev/null; echo ...`, {os.path.realpath('/bin/sh')}); "
+        f"C: {how if c_binary else 'skipped: ' + how}")
+    kinds = ["sh"] + (["c"] if c_binary else [])
+    rates = [100] if args.quick else [100, 200]
+    results = report.setdefault("per_run", [])
+    kept_up = {}
+    for jobs in rates:
+        for kind in kinds:
+            if jobs > rates[0] and not kept_up.get(kind, False):
+                say(f"  per-run-{kind}-{jobs}: skipped, the machine did not keep up at {rates[0]} runs/s")
+                results.append({"name": f"per-run-{kind}-{jobs}", "skipped": "did not keep up at the lower rate"})
+                continue
+            say(f"  [per-run-{kind}-{jobs}] {jobs} jobs x 1 run/s: warm-up {args.warmup:g}s, "
+                f"window {args.window:g}s ...")
+            try:
+                r = b.run_variant(area, kind, jobs, args.window, args.warmup, c_binary=c_binary, log=say)
+            except Exception as e:  # noqa: BLE001 - one failed variant must not end the run
+                say(f"  per-run-{kind}-{jobs}: FAILED: {e}")
+                results.append({"name": f"per-run-{kind}-{jobs}", "error": str(e),
+                                "traceback": traceback.format_exc()})
+                continue
+            results.append(r)
+            kept_up[kind] = kept_up.get(kind, True) and r["keeps_up"]
+            say(*b.format_variant(r))
+
+
+def bench_spawn(area: Area, args, report: dict) -> None:
+    section("1b. diagnostic: the runner's spawn path vs posix_spawn (same process size)")
+    c_binary, how = compile_c_plugin(area.path)
+    scratch = area.sub("spawn-scratch")
+    scratch.chmod(0o700)
+    if IS_ROOT:
+        import pwd
+        pw = pwd.getpwnam(RUN_AS_USER)
+        os.chown(scratch, pw.pw_uid, pw.pw_gid)
+    plugins = area.sub("spawn-plugins")
+    entries = {"sh": benchlib.install_plugin(plugins, "trivial-sh", script=SH_PLUGIN)}
+    if c_binary:
+        entries["c"] = benchlib.install_plugin(plugins, "trivial-c", binary=c_binary)
+    out = report.setdefault("spawn_paths", {})
+    count = 150 if args.quick else 300
+    for kind, entry in entries.items():
+        r = subprocess.run([PYTHON, str(HERE / "bench_spawn_paths.py"), str(entry), str(count), str(scratch)],
+                           capture_output=True, text=True, timeout=120)
+        if r.returncode != 0:
+            say(f"  {kind}: FAILED: {r.stderr.strip()[-400:]}")
+            out[kind] = {"error": r.stderr.strip()[-2000:]}
+            continue
+        d = json.loads(r.stdout)
+        out[kind] = d
+        s, p = d["sandbox_fork"], d["posix_spawn"]
+        say(f"  {kind} plugin, {count} sequential starts in a runner-sized process ({d['process'].get('VmRSS')} RSS):",
+            f"    runner.sandbox.Sandbox.spawn (fork)   {s['own_ms']:.3f} ms parent + {s['children_ms']:.3f} ms child "
+            f"= {s['total_ms']:.3f} ms CPU/start",
+            f"    os.posix_spawn (vfork-style)          {p['own_ms']:.3f} ms parent + {p['children_ms']:.3f} ms child "
+            f"= {p['total_ms']:.3f} ms CPU/start",
+            f"    -> the fork path costs {s['total_ms'] - p['total_ms']:.3f} ms more per run "
+            f"({s['total_ms'] / p['total_ms']:.1f}x)")
+        extra = s["total_ms"] - p["total_ms"]
+        for r in report.get("per_run", []):
+            if r.get("plugin") == kind and "per_run_ms" in r:
+                total, base = r["per_run_ms"]["runtime_total"], r["baseline_per_run_ms"]["total"]
+                d["estimate_without_fork_" + r["name"]] = {"total_ms": round(total - extra, 3),
+                                                           "ratio": round((total - extra) / base, 2)}
+                say(f"       estimate for {r['name']} without that cost: {total - extra:.2f} ms/run -> "
+                    f"{(total - extra) / base:.2f}x the baseline (measured {total / base:.2f}x)")
+
+
+def bench_memory(area: Area, args, report: dict) -> None:
+    import bench_memory as b
+    section("2. idle runner memory (USS) vs a fresh interpreter per job")
+    try:
+        r = b.run(area, jobs=20, log=say)
+    except Exception as e:  # noqa: BLE001
+        say(f"  FAILED: {e}")
+        report["memory"] = {"error": str(e), "traceback": traceback.format_exc()}
+        return
+    report["memory"] = r
+    say(*b.format_result(r))
+
+
+def bench_latency(area: Area, args, report: dict) -> None:
+    import bench_spec_latency as b
+    section("3. spec change latency vs a fresh `python -c pass`")
+    try:
+        r = b.run(area, repeats=5 if args.quick else 10, log=say)
+    except Exception as e:  # noqa: BLE001
+        say(f"  FAILED: {e}")
+        report["spec_latency"] = {"error": str(e), "traceback": traceback.format_exc()}
+        return
+    report["spec_latency"] = r
+    say(*b.format_result(r))
+
+
+def bench_outbox(area: Area, args, report: dict) -> None:
+    section("4. outbox (benchmarks/outbox_bench.py)")
+    try:
+        mod = importlib.import_module("outbox_bench")
+    except ModuleNotFoundError as e:
+        if e.name != "outbox_bench":
+            raise
+        say("  skipped: benchmarks/outbox_bench.py is not there (yet); nothing to run")
+        report["outbox"] = {"skipped": "benchmarks/outbox_bench.py not present"}
+        return
+    except Exception as e:  # noqa: BLE001 - a broken module must not end the run
+        say(f"  skipped: benchmarks/outbox_bench.py does not import: {type(e).__name__}: {e}")
+        report["outbox"] = {"error": f"import failed: {e}", "traceback": traceback.format_exc()}
+        return
+    if not callable(getattr(mod, "run", None)):
+        say("  skipped: benchmarks/outbox_bench.py has no run() function")
+        report["outbox"] = {"skipped": "outbox_bench has no run()"}
+        return
+    try:
+        r = mod.run()
+    except Exception as e:  # noqa: BLE001
+        say(f"  FAILED: outbox_bench.run() raised {type(e).__name__}: {e}")
+        report["outbox"] = {"error": str(e), "traceback": traceback.format_exc()}
+        return
+    report["outbox"] = r
+    say(*format_outbox(r))
+
+
+def format_outbox(r) -> list[str]:
+    if not isinstance(r, dict):
+        return [f"  {r!r}"]
+    lines = []
+    rest = {k: v for k, v in r.items() if k != "cases"}
+    if rest:
+        lines.append("  " + ", ".join(f"{k}: {v}" for k, v in rest.items()))
+    cases = r.get("cases")
+    if isinstance(cases, list) and cases and all(isinstance(c, dict) for c in cases):
+        keys = list(dict.fromkeys(k for c in cases for k in c))
+        widths = [max(len(k), *(len(_fmt(c.get(k))) for c in cases)) for k in keys]
+        lines.append("  " + "  ".join(k.rjust(w) for k, w in zip(keys, widths)))
+        for c in cases:
+            lines.append("  " + "  ".join(_fmt(c.get(k)).rjust(w) for k, w in zip(keys, widths)))
+    elif cases is not None:
+        lines.append(f"  cases: {cases!r}")
+    return lines
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:,.3f}" if abs(v) < 100 else f"{v:,.0f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+# -- summary -------------------------------------------------------------------------------
+
+def summary(report: dict) -> list[str]:
+    lines = []
+    for r in report.get("per_run", []):
+        if "error" in r:
+            lines.append(f"  {r['name']:<18} FAILED: {r['error'].splitlines()[0]}")
+        elif "skipped" in r:
+            lines.append(f"  {r['name']:<18} skipped ({r['skipped']})")
+        else:
+            lines.append(
+                f"  {r['name']:<18} {r['per_run_ms']['runtime_total']:.2f} ms/run vs baseline "
+                f"{r['baseline_per_run_ms']['total']:.2f} ms -> {r['ratio_total_vs_baseline']:.2f}x "
+                f"(target <= 1.3x); overhead beyond spawn+wait {r['overhead_beyond_spawn_wait_ms']:.2f} ms "
+                f"(Nagios 0.51, Icinga 1.4); lost {r['results_lost']}")
+    m = report.get("memory")
+    if m and "runner_uss_mb" in m:
+        lines.append(f"  {'idle runner USS':<18} median {m['runner_uss_mb']['median']:.2f} MB "
+                     f"(max {m['runner_uss_mb']['max']:.2f}) -> {m['ratio_median_to_target']:.2f}x of the 4 MB target; "
+                     f"fresh python {m['baseline_fresh_python']['uss_mb']:.2f} MB")
+    s = report.get("spec_latency")
+    if s and "latency_s" in s:
+        lines.append(f"  {'spec change':<18} median {1000 * s['latency_s']['median']:.0f} ms, "
+                     f"max {1000 * s['latency_s']['max']:.0f} ms -> {s['ratio_median_to_python_start']:.1f}x "
+                     f"a fresh `python -c pass` ({1000 * s['baseline_python_start_s']['median']:.0f} ms)")
+    o = report.get("outbox")
+    if isinstance(o, dict) and isinstance(o.get("cases"), list):
+        ratios = [c.get("ratio") for c in o["cases"] if isinstance(c, dict) and "ratio" in c]
+        if ratios:
+            lines.append(f"  {'outbox':<18} ours/baseline by batch size: " + ", ".join(
+                f"{c.get('batch')}: {c.get('ratio')}" for c in o["cases"]))
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="assessment-runtime benchmarks (printed, never asserted)")
+    parser.add_argument("--window", type=float, default=12.0, help="measurement window per per-run variant (s)")
+    parser.add_argument("--warmup", type=float, default=3.0, help="warm-up before each window (s)")
+    parser.add_argument("--quick", action="store_true", help="shorter windows, 100 runs/s only, fewer repeats")
+    parser.add_argument("--only", nargs="+", choices=ALL, help="run only these benchmarks")
+    parser.add_argument("--json", default=str(HERE / "last-run.json"), help="where to write the numbers")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.window = min(args.window, 6.0)
+        args.warmup = min(args.warmup, 2.0)
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    started = time.monotonic()
+    report: dict = {"environment": environment(), "settings": {"window_s": args.window, "warmup_s": args.warmup,
+                                                              "quick": args.quick}}
+    env = report["environment"]
+    say(f"assessment-runtime benchmarks - python {env['python']}, {env['cpus']} CPUs, kernel {env['kernel']}, "
+        f"load average {env['loadavg'][0]:.2f}" + (f", plugins run as {RUN_AS_USER}" if IS_ROOT else ""))
+    if env["loadavg"][0] > 0.5 * (env["cpus"] or 1):
+        say(f"  note: the machine is busy (load average {env['loadavg'][0]:.2f}); CPU-time numbers hold up, "
+            f"rates and latencies may not")
+    if IS_ROOT:
+        import pwd
+        try:
+            pwd.getpwnam(RUN_AS_USER)
+        except KeyError:
+            say(f"cannot run: we are root and user {RUN_AS_USER!r} does not exist")
+            return 1
+    steps = {"per-run": bench_per_run, "spawn": bench_spawn, "memory": bench_memory, "latency": bench_latency,
+             "outbox": bench_outbox}
+    chosen = args.only or list(ALL)
+    area = Area()
+    code = 0
+    try:
+        for name in ALL:
+            if name in chosen:
+                steps[name](area, args, report)
+    except (KeyboardInterrupt, SystemExit) as e:
+        code = e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 130
+        say("", f"interrupted ({type(e).__name__}): every service started was stopped")
+        report["interrupted"] = True
+    finally:
+        area.close()
+        report["duration_s"] = round(time.monotonic() - started, 1)
+        section("summary")
+        say(*summary(report))
+        try:
+            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+            say(f"  numbers written to {os.path.relpath(args.json)}; took {report['duration_s']:.0f}s")
+        except OSError as e:
+            say(f"  cannot write {args.json}: {e}")
+    if code == 0 and failed(report):
+        say("  some benchmarks could not be carried out (see FAILED above)")
+        code = 1
+    return code
+
+
+def failed(report: dict) -> bool:
+    parts = list(report.get("per_run", [])) + [report.get(k) for k in ("memory", "spec_latency", "outbox")]
+    parts += list(report.get("spawn_paths", {}).values())
+    return any(isinstance(p, dict) and "error" in p for p in parts)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
