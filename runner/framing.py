@@ -17,7 +17,7 @@ import msgspec
 
 MAX_FRAME = 64 << 20
 _HEADER = 4
-_READ_CHUNK = 256 << 10
+_READ_CHUNK = 64 << 10  # under malloc's mmap threshold: no mmap/munmap per read
 
 
 class FrameError(Exception):

@@ -27,7 +27,7 @@ from runner.log import setup_logging
 from runner.plugin import PluginError, PluginResolver
 from runner.protocol import (OutputError, StdinTemplate, failure_reason, iso_time, new_uuid,
                              parse_assessment_output, parse_nagios_output)
-from runner.sandbox import PLUGIN_PATH, Sandbox, SpawnError, kill_group, sweep_orphans
+from runner.sandbox import HELPER_FAILURE, PLUGIN_PATH, Sandbox, SpawnError, kill_group, sweep_orphans
 from runner.wire import (AttestationResult, PluginInfo, RunnerConfig, RunnerState, RunNow, RunResult,
                          SupervisorToRunner)
 from supervisor.units import format_duration
@@ -55,6 +55,7 @@ class Run:
         self.failure: str | None = None  # set when we end the run ourselves (timeout, output limit)
         self.plugin = PluginInfo("", "")
         self.protocol = "assessment/1"
+        self.path = ""
 
 
 class Runner:
@@ -217,6 +218,7 @@ class Runner:
             return self.finish_without_spawn(run, e.reason)
         run.plugin = PluginInfo(self.cfg.plugin.name, self.cfg.plugin.version, digest)
         run.protocol = plugin.manifest.protocol
+        run.path = plugin.path
         argv = [plugin.path] + (self.nagios_args if run.protocol == "nagios" else [])
         try:
             scratch = self.prepare_scratch()
@@ -233,7 +235,6 @@ class Runner:
         self.sel.register(run.out_fd, selectors.EVENT_READ, self.on_stdout)
         self.sel.register(run.err_fd, selectors.EVENT_READ, self.on_stderr)
         self.sel.register(run.pidfd, selectors.EVENT_READ, self.on_plugin_exit)
-        self.report_state()
 
     def end_run(self, reason: str, sig: int = signal.SIGTERM) -> None:
         """End the run ourselves: signal its process group, SIGKILL after the grace."""
@@ -259,6 +260,9 @@ class Runner:
         kill_group(run.pid, signal.SIGKILL)
         sweep_orphans()
         end = time.time()
+        if run.failure is None and status == 127 << 8 and run.stderr_tail.startswith(HELPER_FAILURE):
+            detail = run.stderr_tail.decode(errors="replace").strip().removeprefix("ar-exec: ")
+            run.failure = f"cannot start plugin {run.path}: {detail}"
         if run.failure is not None:
             self.send_result(run, end, "error", run.failure, errors=True)
         elif run.protocol == "nagios" and os.WIFEXITED(status):
@@ -300,13 +304,12 @@ class Runner:
         self.run = None
         try:
             self.channel.send(RunResult(result=msgspec.Raw(_encoder.encode(result)),
-                                        duration=time.monotonic() - run.start_mono))
+                                        duration=time.monotonic() - run.start_mono,
+                                        next_run_at=None if self.stopping else self.next_run_at))
             self.channel.flush_blocking(30.0)
         except (BrokenPipeError, FrameError) as e:
             self.log.error("cannot hand the result of run %s to the supervisor: %s", run.uuid, e)
             self.stopping = True
-            return
-        self.report_state()
 
     @staticmethod
     def _error_logs(run: Run) -> list[dict]:

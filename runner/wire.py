@@ -112,6 +112,7 @@ class RunnerState(msgspec.Struct, tag=True):
 class RunResult(msgspec.Struct, tag=True):
     result: msgspec.Raw  # an AttestationResult, msgpack, passed through to the publisher
     duration: float
+    next_run_at: float | None = None  # the schedule after this run: one frame per run, not two
 
 
 RunnerToSupervisor = RunnerState | RunResult

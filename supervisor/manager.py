@@ -165,11 +165,17 @@ class JobManager:
         self.by_pid: dict[int, RunnerRecord] = {}
         self.stop_grace = 5.0
         self.exited = False  # a runner exited since the last reconcile: its job may need a new one
+        # small sets, so the loop's every turn never walks all runners
+        self.waiting: set[RunnerRecord] = set()  # in backoff
+        self.dying: set[RunnerRecord] = set()  # stopping, with a SIGKILL deadline
+        self.unflushed: set[RunnerRecord] = set()  # frames queued that the pipe has not taken yet
 
     def due(self, now: float) -> bool:
         """Whether a reconcile would start something now (an exit, or a backoff that is over)."""
-        return self.exited or any(r.state == "backoff" and not r.alive and now >= r.backoff_until
-                                  for r in self.runners.values())
+        return self.exited or any(now >= r.backoff_until for r in self.waiting)
+
+    def next_timer(self) -> float:
+        return min([r.backoff_until for r in self.waiting] + [r.kill_at for r in self.dying], default=float("inf"))
 
     # -- reconcile -----------------------------------------------------------------------
 
@@ -180,6 +186,7 @@ class JobManager:
             if rec.alive and rec.state != "stopping" and (want is None or _key(want[1]) != rec.key):
                 self.stop_runner(rec, now, "job removed" if want is None else "spec or settings changed")
             if not rec.alive and want is None:
+                self.waiting.discard(rec)
                 del self.runners[uuid]
         for uuid, (spec, plan) in desired.items():
             rec = self.runners.setdefault(uuid, RunnerRecord(uuid))
@@ -204,7 +211,8 @@ class JobManager:
         os.close(from_runner_w)
         max_frame = max(MAX_FRAME, 2 * rec.plan.limits.output + (1 << 20))
         rec.channel = Channel(from_runner_r, to_runner_w, RunnerToSupervisor, max_frame=max_frame)
-        rec.channel.send(rec.plan)
+        self.send(rec, rec.plan)
+        self.waiting.discard(rec)
         self.selector.register(from_runner_r, selectors.EVENT_READ, lambda: self.read_runner(rec))
         rec.spawning = True
         rec.state = "starting"
@@ -218,6 +226,7 @@ class JobManager:
         log.info("stopping runner of job %s (pid %s): %s", rec.uuid, rec.pid, why)
         rec.state = "stopping"
         rec.kill_at = now + self.stop_grace + 2.0  # the runner itself gives its plugin stop_grace
+        self.dying.add(rec)
         if rec.pid is not None:
             _killpg(rec.pid, signal.SIGTERM)
 
@@ -227,8 +236,8 @@ class JobManager:
                 self.stop_runner(rec, now, "shutting down")
 
     def murder_runners(self, now: float) -> None:
-        for rec in self.runners.values():
-            if rec.pid is not None and rec.kill_at is not None and now >= rec.kill_at:
+        for rec in self.dying:
+            if rec.pid is not None and now >= rec.kill_at:
                 log.warning("runner of job %s (pid %d) did not stop in time: SIGKILL", rec.uuid, rec.pid)
                 _killpg(rec.pid, signal.SIGKILL)
                 rec.kill_at = now + 5.0
@@ -264,6 +273,8 @@ class JobManager:
         rec.pid = None
         rec.running = False
         rec.next_run_at = None
+        rec.kill_at = None
+        self.dying.discard(rec)
         self.exited = True
         if rec.state == "stopping":
             log.info("runner of job %s (pid %d) stopped", rec.uuid, pid)
@@ -276,6 +287,7 @@ class JobManager:
         delay = backoff_delay(rec.failures)
         rec.backoff_until = now + delay
         rec.state = "backoff"
+        self.waiting.add(rec)
         log.warning("runner of job %s (pid %d) died (%s); restarting in %.1fs", rec.uuid, pid,
                     _describe_status(status), delay)
 
@@ -310,6 +322,8 @@ class JobManager:
                     log.error("runner of job %s sent a result that does not decode: %s", rec.uuid, e)
                     continue
                 rec.runs += 1
+                rec.running = False
+                rec.next_run_at = frame.next_run_at
                 rec.last_result = {"uuid": summary.uuid, "status": summary.status, "reason": summary.reason,
                                    "end": summary.end}
                 self.on_result(rec, summary, frame.result, frame.duration)
@@ -326,18 +340,23 @@ class JobManager:
         if rec is None or rec.channel is None:
             return False
         try:
-            rec.channel.send(RunNow())
+            self.send(rec, RunNow())
         except (BrokenPipeError, FrameError):
             return False
         return True
 
+    def send(self, rec: RunnerRecord, message) -> None:
+        rec.channel.send(message)
+        if rec.channel.pending_output:
+            self.unflushed.add(rec)
+
     def flush_channels(self) -> None:
-        for rec in self.runners.values():
-            if rec.channel is not None and rec.channel.pending_output:
-                try:
-                    rec.channel.flush()
-                except BrokenPipeError:
-                    pass
+        for rec in list(self.unflushed):
+            try:
+                if rec.channel is None or rec.channel.flush():
+                    self.unflushed.discard(rec)
+            except BrokenPipeError:
+                self.unflushed.discard(rec)
 
     def _close_channel(self, rec: RunnerRecord) -> None:
         if rec.channel is None:

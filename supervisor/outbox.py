@@ -45,6 +45,9 @@ _READ_CHUNK = 1 << 20
 _TEMP_FILE = re.compile(r"\.tmp\.\d+$")
 
 
+CURSOR_SAVE_INTERVAL = 1.0
+
+
 class OutboxError(OSError):
     """The outbox cannot be used (another process holds it, or a write failed)."""
 
@@ -85,6 +88,8 @@ class Outbox:
         self.max_bytes = max_bytes
         self.segment_bytes = segment_bytes or default_segment_bytes(max_bytes)
         self.dropped = 0
+        self._unsaved: set[str] = set()  # sinks whose cursor moved since it was saved
+        self._saved_at = 0.0
         self._lock = threading.Lock()  # guards the metadata below; never held across an fsync of a segment
         self._append_lock = threading.Lock()  # one writer at a time
         self._segments: list[_Segment] = []
@@ -397,8 +402,21 @@ class Outbox:
                 raise ValueError(f"cannot advance sink {sink} to {seq}: last record is {self._next_seq - 1}")
             new = self._position_after(sink, seq)
             self._cursors[sink] = new
-        self._persist_cursor(sink, new)
+            self._unsaved.add(sink)
+        # A cursor that lags on disk only means duplicates after a crash (delivery is at least
+        # once), so it is saved at most once a second, and always before a segment goes.
+        if time.monotonic() - self._saved_at >= CURSOR_SAVE_INTERVAL:
+            self.save_cursors()
         self._remove_passed_segments()
+
+    def save_cursors(self) -> None:
+        """Persist every cursor that moved since it was last saved."""
+        with self._lock:
+            unsaved = {name: self._cursors[name] for name in self._unsaved if name in self._cursors}
+            self._unsaved.clear()
+            self._saved_at = time.monotonic()
+        for name, cursor in unsaved.items():
+            self._persist_cursor(name, cursor)
 
     def _position_after(self, sink: str, seq: int) -> Cursor:
         last = self._last_read.get(sink)
@@ -440,6 +458,8 @@ class Outbox:
         return os.path.join(self.folder, f"cursor.{sink}")
 
     def _remove_passed_segments(self) -> None:
+        if self._unsaved and len(self._segments) > 1 and self._slowest_next_seq() >= self._segments[1].first_seq:
+            self.save_cursors()  # no cursor on disk may point into a segment about to be deleted
         with self._lock:
             passed = []
             # Passed: every sink has reached the first record of the next segment.
@@ -544,6 +564,8 @@ class Outbox:
         return None
 
     def close(self) -> None:
+        if getattr(self, "_unsaved", None):
+            self.save_cursors()
         for attr in ("_fd", "_lock_fd"):
             fd = getattr(self, attr, -1)
             if fd >= 0:

@@ -9,9 +9,10 @@ fsync (group commit); only then acknowledge them with one `Acked` (SPEC §7: a r
 acknowledged once it is on disk); about once a second, send `PublisherStats`.
 
 Each sink has its own thread and its own cursor in the outbox, so a slow or broken sink
-never holds back another. A sink thread waits until its batch is due (batch_max pending, or
-the oldest pending has waited flush_interval), delivers it, and advances its cursor; on
-failure it retries the same batch with exponential backoff and full jitter.
+never holds back another. A sink thread delivers as soon as anything is pending (up to
+batch_max at a time: what arrives during one delivery is the next batch) and advances its
+cursor; it looks again at least every flush_interval; on failure it retries the same batch
+with exponential backoff and full jitter.
 
 Stopping (EOF on the pipe, SIGTERM, SIGINT): commit and acknowledge what was read, give the
 sinks up to DRAIN_TIMEOUT to deliver what is pending, exit 0. What is not delivered stays in
@@ -131,7 +132,6 @@ class SinkWorker:
         self.last_success: str | None = None
         self._attempt = 0
         self._retry_at = 0.0
-        self._first_pending_at: float | None = None
         self.thread = threading.Thread(target=self.run, name=f"sink {self.name}", daemon=True)
 
     def run(self) -> None:
@@ -157,15 +157,11 @@ class SinkWorker:
                 if pending == 0:
                     if stopping:
                         return False  # drained
-                    self._first_pending_at = None
                     self.wakeup.wait(max(self.flush_interval, IDLE_WAIT_MIN))  # a commit notifies us sooner
                     continue
-                if self._first_pending_at is None:
-                    self._first_pending_at = now
-                due = self._first_pending_at + self.flush_interval
-                if pending >= self.batch_max or stopping or now >= due:
-                    return True
-                self.wakeup.wait(due - now)
+                # Deliver as soon as there is work: results that arrive while a delivery is in
+                # flight form the next batch, so batches grow with load and latency stays low.
+                return True
 
     def deliver_batch(self) -> None:
         try:
@@ -299,6 +295,7 @@ class PublisherProcess:
         if now < self.next_stats_at:
             return
         self.next_stats_at = now + STATS_INTERVAL
+        self.outbox.save_cursors()  # the sinks' progress reaches the disk within about a second
         if self.channel.pending_output > MAX_STATS_BACKLOG:
             return
         self.send(self.stats())

@@ -82,6 +82,7 @@ class Service:
         self.store_dirty = True
         self.folder_dirty = True
         self.next_resync = 0.0
+        self.next_child_check = 0.0
         self.metrics = Metrics()
         self.zygote = ZygoteLink()
         self.manager = JobManager(self.selector, self.zygote, self.on_result)
@@ -161,8 +162,8 @@ class Service:
         self.setup()
         while True:
             now = time.monotonic()
-            timeout = max(0.0, min(self.next_resync, self._next_timer(now)) - now)
-            for key, mask in self.selector.select(min(timeout, 1.0)):
+            timeout = max(0.0, self._next_timer(now) - now)
+            for key, mask in self.selector.select(timeout):
                 key.data()
             now = time.monotonic()
             self.handle_signals(now)
@@ -171,22 +172,21 @@ class Service:
             self.sync_sources(now)
             if self.store_dirty or now >= self.next_resync or self.manager.due(now):
                 self.manage_runners(now)
-            self.manager.murder_runners(now)
-            self.manager.flush_channels()
+            if self.manager.dying:
+                self.manager.murder_runners(now)
+            if self.manager.unflushed:
+                self.manager.flush_channels()
             self.publisher.flush()
-            self.publisher.check(now)
-            self.check_zygote(now)
+            restart_due = any(t is not None and now >= t for t in (self.publisher.restart_at, self.zygote_restart_at))
+            if now >= self.next_child_check or restart_due:  # SIGCHLD is the fast path; this is the safety net
+                self.next_child_check = now + 1.0
+                self.publisher.check(now)
+                self.check_zygote(now)
         return self.shutdown()
 
     def _next_timer(self, now: float) -> float:
-        timers = [now + 1.0]
-        for rec in self.manager.runners.values():
-            if rec.state == "backoff":
-                timers.append(rec.backoff_until)
-            if rec.kill_at is not None:
-                timers.append(rec.kill_at)
-        if self.publisher.restart_at is not None:
-            timers.append(self.publisher.restart_at)
+        timers = [self.next_resync, self.next_child_check, self.manager.next_timer()]
+        timers += [t for t in (self.publisher.restart_at, self.zygote_restart_at) if t is not None]
         if self.folder_dirty:
             timers.append(now)
         return min(timers)

@@ -153,8 +153,10 @@ def test_acks_after_commit_and_file_sink_gets_json_lines(publishers):
 
 
 def test_sigkill_after_ack_loses_no_acknowledged_result(publishers, tmp_path):
-    # A flush interval of an hour: the results are acknowledged but not yet delivered when killed.
-    pub = publishers(flush_interval=3600)
+    # The sink's folder is a file, so it cannot deliver: the results are acknowledged but not
+    # yet delivered when the publisher is killed.
+    (tmp_path / "blocker").write_text("")
+    pub = publishers(sinks=[Sink(name="archive", kind="file", path=str(tmp_path / "blocker" / "results.jsonl"))])
     uuids = pub.publish([make_result(i) for i in range(30)])
     pub.wait_for(lambda: len(pub.acked) == len(uuids), "acks")
     pub.wait_for(lambda: pub.stats and pub.stats[-1].outbox_results == 30, "stats showing the backlog")
@@ -178,7 +180,7 @@ def test_sigkill_after_ack_loses_no_acknowledged_result(publishers, tmp_path):
 
 
 def test_closing_the_pipe_drains_the_sinks_and_exits_0(publishers):
-    pub = publishers(flush_interval=3600)  # nothing is due until the publisher stops
+    pub = publishers(flush_interval=3600)  # no periodic look: delivery follows the commits
     uuids = pub.publish([make_result(i) for i in range(25)])
     pub.wait_for(lambda: len(pub.acked) == len(uuids), "acks")
     os.close(pub.channel.wfd)
@@ -204,7 +206,7 @@ def test_garbage_frame_exits_nonzero_and_committed_results_survive(publishers):
     pub.channel.send_payload(b"\xc1 not msgpack")
     assert pub.wait_exit() == EXIT_BAD_FRAME
     assert "undecodable frame from the supervisor" in pub.stderr()
-    assert delivered_uuids(pub) == set()
+    assert delivered_uuids(pub) <= set(uuids)
 
     again = publishers()
     again.wait_for(lambda: delivered_uuids(again) == set(uuids), "delivery after the restart")
