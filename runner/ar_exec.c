@@ -5,9 +5,11 @@
  * applies the sandbox and execs the plugin. It does exactly what runner/sandbox.py does
  * after fork when this helper is not built:
  *
- *   ar-exec UID GID MEMORY CPU_SECONDS OPEN_FILES PROCESSES PARENT_PID CWD -- PATH [ARG...]
+ *   ar-exec UID GID MEMORY CPU_SECONDS OPEN_FILES PROCESSES PARENT_PID CGROUP CWD -- PATH [ARG...]
  *
- * Numbers are decimal; -1 means "leave unset" (UID/GID -1: keep ours). stdin/stdout/stderr,
+ * Numbers are decimal; -1 means "leave unset" (UID/GID -1: keep ours). CGROUP is the folder
+ * of a cgroup v2 to join before anything else (so all the plugin starts is counted there),
+ * or "-" for none. stdin/stdout/stderr,
  * the session and the signal dispositions are already set up by posix_spawn. On any
  * failure it prints "ar-exec: STEP: ERROR" on stderr and exits 127.
  */
@@ -52,20 +54,30 @@ static void limit(int resource, long long soft, long long hard, const char *what
 }
 
 int main(int argc, char **argv) {
-    if (argc < 11 || strcmp(argv[9], "--") != 0) {
+    if (argc < 12 || strcmp(argv[10], "--") != 0) {
         errno = EINVAL;
-        fail("usage: ar-exec UID GID MEMORY CPU OPEN_FILES PROCESSES PARENT_PID CWD -- PATH [ARG...]");
+        fail("usage: ar-exec UID GID MEMORY CPU OPEN_FILES PROCESSES PARENT_PID CGROUP CWD -- PATH [ARG...]");
     }
     long long uid = number(argv[1], "uid"), gid = number(argv[2], "gid");
     long long memory = number(argv[3], "memory"), cpu = number(argv[4], "cpu");
     long long files = number(argv[5], "open_files"), procs = number(argv[6], "processes");
     pid_t parent = (pid_t)number(argv[7], "parent pid");
-    const char *cwd = argv[8];
+    const char *cgroup = argv[8], *cwd = argv[9];
 
     /* nothing of the runner's leaks into the plugin */
     if (syscall(SYS_close_range, 3U, ~0U, 0U) != 0)
         for (int fd = 3; fd < 65536; fd++)
             close(fd);
+    if (strcmp(cgroup, "-") != 0) {
+        char procs[4096];
+        if (snprintf(procs, sizeof procs, "%s/cgroup.procs", cgroup) >= (int)sizeof procs) {
+            errno = ENAMETOOLONG;
+            fail("cgroup");
+        }
+        FILE *f = fopen(procs, "w");
+        if (f == NULL || fputs("0", f) == EOF || fclose(f) != 0)
+            fail("join cgroup");
+    }
     umask(077);
     limit(RLIMIT_CORE, 0, 0, "rlimit core");
     limit(RLIMIT_AS, memory, memory, "rlimit memory");
@@ -89,7 +101,7 @@ int main(int argc, char **argv) {
         _exit(127);
     if (chdir(cwd) != 0)
         fail("chdir");
-    execve(argv[10], &argv[10], environ);
+    execve(argv[11], &argv[11], environ);
     fail("exec");
     return 127;
 }

@@ -27,7 +27,8 @@ from runner.log import setup_logging
 from runner.plugin import PluginError, PluginResolver
 from runner.protocol import (OutputError, StdinTemplate, failure_reason, iso_time, new_uuid,
                              parse_assessment_output, parse_nagios_output)
-from runner.sandbox import HELPER_FAILURE, PLUGIN_PATH, Sandbox, SpawnError, kill_group, sweep_orphans
+from runner.sandbox import (HELPER_FAILURE, PLUGIN_PATH, Sandbox, SpawnError, cgroup_counters, kill_cgroup, kill_group,
+                            sweep_orphans)
 from runner.wire import (AttestationResult, PluginInfo, RunnerConfig, RunnerState, RunNow, RunResult,
                          SupervisorToRunner)
 from supervisor.units import format_duration
@@ -53,6 +54,7 @@ class Run:
         self.stdout = bytearray()
         self.stderr_tail = bytearray()
         self.failure: str | None = None  # set when we end the run ourselves (timeout, output limit)
+        self.counters = (0, 0)  # the job cgroup's (oom kills, fork refusals) before the run
         self.plugin = PluginInfo("", "")
         self.protocol = "assessment/1"
         self.path = ""
@@ -69,7 +71,7 @@ class Runner:
         self.sandbox = Sandbox(cfg.limits, cfg.run_as, {
             "PATH": PLUGIN_PATH, "LANG": "C.UTF-8",
             "ASSESSMENT_JOB_UUID": cfg.job_uuid, "ASSESSMENT_RUNTIME_UUID": cfg.runtime_uuid,
-        })
+        }, cgroup=cfg.cgroup, cgroup_controllers=tuple(cfg.cgroup_controllers))
         self.stdin = StdinTemplate(cfg.job_json, cfg.config_json)
         self.nagios_args = self._nagios_args()
         self.sel = selectors.DefaultSelector()
@@ -102,6 +104,7 @@ class Runner:
                 self.end_run(f"timeout after {format_duration(self.cfg.timeout)}")
             elif run.kill_at is not None and now >= run.kill_at:
                 kill_group(run.pid, signal.SIGKILL)
+                kill_cgroup(self.cfg.cgroup)
                 run.kill_at = math.inf
         elif not self.stopping and (self.run_now or now >= self.next_run_at):
             self.start_run(now)
@@ -211,6 +214,7 @@ class Runner:
         if now >= self.next_run_at:
             self.next_run_at = self._next_slot(now)
         run = Run(new_uuid(), time.time(), now, now + self.cfg.timeout)
+        run.counters = cgroup_counters(self.cfg.cgroup)
         self.run = run
         try:
             plugin, digest = self.resolver.resolve()
@@ -258,7 +262,9 @@ class Runner:
             os.close(fd)
         # nothing the run started may outlive it: its group, then anything re-parented to us
         kill_group(run.pid, signal.SIGKILL)
+        kill_cgroup(self.cfg.cgroup)
         sweep_orphans()
+        ooms, refusals = cgroup_counters(self.cfg.cgroup)
         end = time.time()
         if run.failure is None and status == 127 << 8 and run.stderr_tail.startswith(HELPER_FAILURE):
             detail = run.stderr_tail.decode(errors="replace").strip().removeprefix("ar-exec: ")
@@ -278,7 +284,8 @@ class Runner:
                 self.send_result(run, end, out.status, None, title=out.title, observations=out.observations,
                                  findings=out.findings, risks=out.risks, subjects=out.subjects, logs=out.logs)
         else:
-            reason = failure_reason(status, rusage, self.cfg.limits, bytes(run.stderr_tail))
+            reason = failure_reason(status, rusage, self.cfg.limits, bytes(run.stderr_tail),
+                                    oom_killed=ooms > run.counters[0], pids_exhausted=refusals > run.counters[1])
             self.send_result(run, end, "error", reason, errors=True)
 
     def finish_without_spawn(self, run: Run, reason: str) -> None:

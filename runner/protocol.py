@@ -17,6 +17,10 @@ import msgspec
 from supervisor.units import format_duration, format_size
 
 MEMORY_ERROR_MARKS = (b"MemoryError", b"Cannot allocate memory", b"bad_alloc", b"out of memory")
+# what shells and libcs print when fork() fails with EAGAIN under RLIMIT_NPROC / pids.max
+PROCESS_LIMIT_MARKS = (b"fork: Resource temporarily unavailable", b"fork: retry", b"Cannot fork", b"can't fork",
+                       b"BlockingIOError: [Errno 11]")
+CPU_LIMIT_MARK = b"CPU time limit exceeded"
 
 
 class PluginOutput(msgspec.Struct):
@@ -119,9 +123,16 @@ def _split_perfdata(perf: str) -> list[str]:
         return perf.split()
 
 
-def failure_reason(status: int, rusage, limits, stderr_tail: bytes) -> str:
-    """Why a run that ended abnormally failed, naming the limit it hit when it hit one."""
+def failure_reason(status: int, rusage, limits, stderr_tail: bytes, oom_killed: bool = False,
+                   pids_exhausted: bool = False) -> str:
+    """Why a run that ended abnormally failed, naming the limit it hit when it hit one.
+
+    `oom_killed` and `pids_exhausted` come from the job's cgroup (memory.events, pids.events)
+    when cgroups are in use; under rlimits the signal, the CPU used and stderr tell.
+    """
     cpu_used = rusage.ru_utime + rusage.ru_stime if rusage is not None else 0.0
+    if oom_killed and limits.memory:
+        return f"killed: memory limit {format_size(limits.memory)}"
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
         if limits.cpu_time and (sig == signal.SIGXCPU or (sig == signal.SIGKILL and cpu_used >= limits.cpu_time - 0.05)):
@@ -132,6 +143,10 @@ def failure_reason(status: int, rusage, limits, stderr_tail: bytes) -> str:
             name = "?"
         return f"killed by signal {sig} ({name})"
     code = os.WEXITSTATUS(status)
+    if limits.cpu_time and (code == 128 + signal.SIGXCPU or CPU_LIMIT_MARK in stderr_tail):
+        return f"killed: cpu limit {format_duration(limits.cpu_time)}"  # a child of the plugin hit it
     if limits.memory and any(mark in stderr_tail for mark in MEMORY_ERROR_MARKS):
         return f"memory limit {format_size(limits.memory)} reached: allocation failed, exit code {code}"
+    if limits.processes and (pids_exhausted or any(mark in stderr_tail for mark in PROCESS_LIMIT_MARKS)):
+        return f"process limit {limits.processes} reached: exit code {code}"
     return f"exit code {code}"

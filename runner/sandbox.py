@@ -35,14 +35,21 @@ class Sandbox:
     """
 
     def __init__(self, limits: RunLimits, run_as: tuple[int, int] | None, env_base: dict[str, str],
-                 helper: str | None = HELPER):
+                 helper: str | None = HELPER, cgroup: str | None = None, cgroup_controllers: tuple[str, ...] = ()):
         self.run_as = run_as
+        self.cgroup = cgroup
+        # a cgroup's memory.max and pids.max replace RLIMIT_AS (virtual memory, too strict for
+        # some runtimes) and RLIMIT_NPROC (counted per user, not per run)
+        if "memory" in cgroup_controllers:
+            limits = RunLimits(None, limits.cpu_time, limits.open_files, limits.processes, limits.output)
+        if "pids" in cgroup_controllers:
+            limits = RunLimits(limits.memory, limits.cpu_time, limits.open_files, None, limits.output)
         self.env_base = env_base
         self.helper = helper if helper and os.access(helper, os.X_OK) else None
         cpu = max(1, int(limits.cpu_time + 0.999)) if limits.cpu_time else -1
         self.helper_args = [str(v) for v in (
             run_as[0] if run_as else -1, run_as[1] if run_as else -1, limits.memory or -1, cpu,
-            limits.open_files or -1, limits.processes or -1, os.getpid())]
+            limits.open_files or -1, limits.processes or -1, os.getpid(), cgroup or "-")]
         self.rlimits: list[tuple[int, tuple[int, int]]] = [(resource.RLIMIT_CORE, (0, 0))]
         if limits.memory:
             self.rlimits.append((resource.RLIMIT_AS, (limits.memory, limits.memory)))
@@ -117,6 +124,10 @@ class Sandbox:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGPIPE):
                 signal.signal(sig, signal.SIG_DFL)
             signal.pthread_sigmask(signal.SIG_SETMASK, [])
+            if self.cgroup is not None:
+                step = "join cgroup"
+                with open(os.path.join(self.cgroup, "cgroup.procs"), "w") as f:
+                    f.write("0")
             step = "umask"
             os.umask(0o077)
             step = "rlimits"
@@ -183,3 +194,46 @@ def reap_all() -> int:
         if pid == 0:
             return n
         n += 1
+
+
+def cgroup_counters(cgroup: str | None) -> tuple[int, int]:
+    """(oom kills, fork refusals) so far in a job's cgroup: compared before and after a run."""
+    if cgroup is None:
+        return 0, 0
+    return _event(cgroup, "memory.events", b"oom_kill"), _event(cgroup, "pids.events", b"max")
+
+
+def _event(cgroup: str, name: str, key: bytes) -> int:
+    try:
+        with open(os.path.join(cgroup, name), "rb") as f:
+            for line in f:
+                k, _, v = line.partition(b" ")
+                if k == key:
+                    return int(v)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def kill_cgroup(cgroup: str | None) -> None:
+    """SIGKILL everything in the job's cgroup (cgroup.kill, or one by one on older kernels)."""
+    if cgroup is None:
+        return
+    try:
+        with open(os.path.join(cgroup, "cgroup.kill"), "w") as f:
+            f.write("1")
+        return
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return
+    try:
+        with open(os.path.join(cgroup, "cgroup.procs"), "rb") as f:
+            pids = [int(x) for x in f.read().split()]
+    except OSError:
+        return
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

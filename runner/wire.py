@@ -89,6 +89,8 @@ class RunnerConfig(msgspec.Struct, tag=True):
     limits: RunLimits
     scratch_dir: str
     run_as: tuple[int, int] | None  # (uid, gid) for plugins when we are root
+    cgroup: str | None = None  # the job's cgroup v2 folder, when cgroups are in use
+    cgroup_controllers: list[str] = []  # controllers enabled there: their limits replace rlimits
     log_format: str = "text"
     log_level: str = "info"
 

@@ -53,6 +53,8 @@ class Jobs(Strict):
     stop_grace: Duration = Duration(5)
     run_as_user: str = "assessment-runtime"
     require_sha256: bool = False
+    # local exceptions to run_as_user, by plugin "name" or "name@version" (never from a spec)
+    plugin_users: dict[str, str] = {}
     default_limits: DefaultLimits = msgspec.field(default_factory=DefaultLimits)
 
 

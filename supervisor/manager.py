@@ -26,8 +26,10 @@ import msgspec
 from runner.framing import MAX_FRAME, Channel, FrameError
 from runner.wire import (Exited, PluginInfo, ResultSummary, RunLimits, RunnerConfig, RunnerState, RunNow, RunResult,
                          RunnerToSupervisor, Spawn, Spawned, ZygoteToSupervisor)
+from supervisor.cgroups import CgroupTree
 from supervisor.config import Config
 from supervisor.spec import Spec
+from supervisor.users import PluginUsers
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +52,7 @@ def splay_of(uuid: str, interval: float) -> float:
     return (h / 2**64) * interval
 
 
-def runner_config(spec: Spec, config: Config, runtime_uuid: str, run_as: tuple[int, int] | None) -> RunnerConfig:
+def runner_config(spec: Spec, config: Config, runtime_uuid: str, users: PluginUsers, cgroups: CgroupTree) -> RunnerConfig:
     """Everything a runner needs, resolved here once: effective limits, timeout, splay."""
     job = spec.job
     limits = config.jobs.default_limits.lowered_by(job.limits)
@@ -67,7 +69,10 @@ def runner_config(spec: Spec, config: Config, runtime_uuid: str, run_as: tuple[i
         limits=RunLimits(memory=_plain(limits.memory, int), cpu_time=_plain(limits.cpu_time, float),
                          open_files=limits.open_files, processes=limits.processes,
                          output=int(limits.output or config.jobs.default_limits.output)),
-        scratch_dir=os.path.join(config.state_dir, "scratch", job.uuid), run_as=run_as,
+        scratch_dir=os.path.join(config.state_dir, "scratch", job.uuid),
+        run_as=users.for_plugin(job.plugin.name, job.plugin.version),
+        cgroup=cgroups.job_cgroup(job.uuid, _plain(limits.memory, int), limits.processes),
+        cgroup_controllers=list(cgroups.controllers),
         log_format=config.log_format, log_level=config.log_level)
 
 

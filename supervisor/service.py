@@ -14,7 +14,6 @@ import errno
 import hashlib
 import logging
 import os
-import pwd
 import re
 import resource
 import selectors
@@ -28,6 +27,7 @@ from runner.log import setup_logging
 from runner.protocol import iso_time
 from runner.wire import ResultSummary
 from supervisor import __version__
+from supervisor.cgroups import CgroupTree
 from supervisor.config import Config, ConfigError, load_config, load_runtime_uuid
 from supervisor.control import ControlServer, json_response
 from supervisor.delivery import PublisherLink
@@ -35,6 +35,7 @@ from supervisor.folder import FolderWatcher, read_specs_folder
 from supervisor.manager import JobManager, RunnerRecord, ZygoteLink, backoff_delay, runner_config
 from supervisor.metrics import Metrics
 from supervisor.publisher import PublisherSettings
+from supervisor.users import resolve_plugin_users
 from supervisor.store import Rejection, SpecStore
 
 log = logging.getLogger("supervisor")
@@ -74,7 +75,7 @@ class Service:
     def __init__(self, config_file: str):
         self.config_file = config_file
         self.config: Config = load_config(config_file)
-        self.run_as = resolve_run_as(self.config)
+        self.users = resolve_plugin_users(self.config)
         self.selector = selectors.DefaultSelector()
         self.signals: list[int] = []
         self.started_at = iso_now()
@@ -84,6 +85,7 @@ class Service:
         self.next_resync = 0.0
         self.next_child_check = 0.0
         self.metrics = Metrics()
+        self.cgroups = CgroupTree()
         self.zygote = ZygoteLink()
         self.manager = JobManager(self.selector, self.zygote, self.on_result)
         self.publisher = PublisherLink(self.selector)
@@ -120,6 +122,7 @@ class Service:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(sig, lambda signum, frame: self.signals.append(signum))
         self.selector.register(self._wake_r, selectors.EVENT_READ, self._drain_wakeup)
+        self.cgroups.setup()  # before any child: they inherit our (leaf) cgroup
         self.zygote.start()
         self.selector.register(self.zygote.sock, selectors.EVENT_READ, self.read_zygote)
         self.publisher.start(self.publisher_settings(), time.monotonic())
@@ -238,9 +241,10 @@ class Service:
             self.rejected += self.folder_source.rejected
         if self.zygote.sock is None:
             return
-        desired = {uuid: (spec, runner_config(spec, self.config, self.runtime_uuid, self.run_as))
+        desired = {uuid: (spec, runner_config(spec, self.config, self.runtime_uuid, self.users, self.cgroups))
                    for uuid, spec in specs.items()}
         self.manager.manage_runners(desired, now)
+        self.cgroups.prune({uuid for uuid, rec in self.manager.runners.items() if rec.alive} | set(desired))
 
     def read_zygote(self) -> None:
         messages = self.zygote.messages()
@@ -283,12 +287,12 @@ class Service:
     def reload(self, now: float) -> None:
         try:
             config = load_config(self.config_file)
-            run_as = resolve_run_as(config)
+            users = resolve_plugin_users(config)
         except ConfigError as e:
             log.error("SIGHUP: config not reloaded, keeping the running one: %s", e)
             return
         old = self.config
-        self.config, self.run_as = config, run_as
+        self.config, self.users = config, users
         setup_logging("supervisor", config.log_format, config.log_level)
         self.manager.stop_grace = config.jobs.stop_grace
         if config.specs != old.specs or config.jobs.resync_interval != old.jobs.resync_interval:
@@ -375,6 +379,7 @@ class Service:
             "sources": sources,
             "jobs": jobs,
             "rejected": [msgspec.to_builtins(r) for r in self.rejected],
+            "sandbox": self.cgroups.info(),
             "publisher": {
                 "pid": self.publisher.pid,
                 "outbox_results": stats.outbox_results if stats else 0,
@@ -385,20 +390,6 @@ class Service:
                            "last_error": None} for n, k in sink_kinds.items()],
             },
         }
-
-
-def resolve_run_as(config: Config) -> tuple[int, int] | None:
-    """(uid, gid) of run_as_user when we are root; plugins run as ourselves otherwise."""
-    if os.geteuid() != 0:
-        return None
-    try:
-        pw = pwd.getpwnam(config.jobs.run_as_user)
-    except KeyError:
-        raise ConfigError(f"key jobs.run_as_user: user {config.jobs.run_as_user!r} does not exist "
-                          f"(create it, or set run_as_user to an unprivileged user)") from None
-    if pw.pw_uid == 0:
-        raise ConfigError(f"key jobs.run_as_user: {config.jobs.run_as_user!r} is root; plugins must not run as root")
-    return pw.pw_uid, pw.pw_gid
 
 
 def iso_now() -> str:

@@ -213,7 +213,9 @@ def test_status_json_has_the_documented_shape(svc):
     svc.wait_result(doc["uuid"])
     st = wait_for(lambda: (lambda s: s if s["publisher"]["sinks"][0]["delivered"] >= 1 else None)(svc.status()),
                   what="publisher stats")
-    assert set(st) == {"runtime_uuid", "version", "pid", "started_at", "sources", "jobs", "rejected", "publisher"}
+    assert set(st) == {"runtime_uuid", "version", "pid", "started_at", "sources", "jobs", "rejected", "publisher",
+                       "sandbox"}  # SPEC §8's keys, plus which limits are in force (cgroup or rlimit)
+    assert st["sandbox"]["limits"] in ("cgroup", "rlimit") and st["sandbox"]["detail"]
     assert st["pid"] == svc.proc.pid
     [source] = st["sources"]
     assert source["kind"] == "dir" and source["location"] == str(svc.jobs)
