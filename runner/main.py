@@ -219,7 +219,7 @@ class Runner:
         try:
             plugin, digest = self.resolver.resolve()
         except PluginError as e:
-            return self.finish_without_spawn(run, e.reason)
+            return self.finish_without_spawn(run, self._explain(e.reason))
         run.plugin = PluginInfo(self.cfg.plugin.name, self.cfg.plugin.version, digest)
         run.protocol = plugin.manifest.protocol
         run.path = plugin.path
@@ -355,6 +355,18 @@ class Runner:
         if stat.S_IMODE(st.st_mode) != 0o700:
             os.chmod(path, 0o700)
         return path
+
+    def _explain(self, reason: str) -> str:
+        """A url plugin that is not there yet: say why, with the last download error."""
+        if not reason.startswith("plugin not found") or self.cfg.plugin_note is None:
+            return reason
+        detail = self.cfg.plugin_note
+        try:
+            with open(self.cfg.download_error_file, encoding="utf-8", errors="replace") as f:
+                detail = f.read(2000).strip() or detail
+        except (OSError, TypeError):
+            pass
+        return f"{reason} ({detail})"
 
     def _nagios_args(self) -> list[str]:
         args = msgspec.json.decode(self.cfg.config_json).get("args", [])

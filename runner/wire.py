@@ -74,6 +74,8 @@ class RunnerConfig(msgspec.Struct, tag=True):
     config_json: bytes  # the spec's "config" object as JSON
     plugin: PluginInfo  # sha256 here is the pin from the spec, if any
     plugin_url: str | None
+    plugin_note: str | None  # why a url plugin may be missing; added to "plugin not found"
+    download_error_file: str | None  # where the supervisor keeps the last download error
     plugin_dirs: list[str]
     require_sha256: bool
     title: str | None

@@ -28,6 +28,7 @@ from runner.wire import (Exited, PluginInfo, ResultSummary, RunLimits, RunnerCon
                          RunnerToSupervisor, Spawn, Spawned, ZygoteToSupervisor)
 from supervisor.cgroups import CgroupTree
 from supervisor.config import Config
+from supervisor.downloads import downloads_dir, error_file
 from supervisor.spec import Spec
 from supervisor.users import PluginUsers
 
@@ -60,7 +61,9 @@ def runner_config(spec: Spec, config: Config, runtime_uuid: str, users: PluginUs
         job_uuid=job.uuid, revision=spec.revision, runtime_uuid=runtime_uuid,
         job_json=spec.canonical, config_json=msgspec.json.encode(job.config),
         plugin=PluginInfo(job.plugin.name, job.plugin.version, job.plugin.sha256.lower() if job.plugin.sha256 else None),
-        plugin_url=job.plugin.url, plugin_dirs=list(config.plugin_dirs), require_sha256=config.jobs.require_sha256,
+        plugin_url=job.plugin.url, plugin_note=_download_note(job, config),
+        download_error_file=error_file(config.state_dir, job.plugin.name, job.plugin.version) if job.plugin.url else None,
+        plugin_dirs=list(config.plugin_dirs) + _download_dirs(job, config), require_sha256=config.jobs.require_sha256,
         title=job.title, labels=dict(job.labels), assessment_plan_uuid=job.assessment_plan_uuid,
         component_uuid=job.component_uuid, control_id=job.control_id,
         interval=float(job.interval), timeout=float(job.timeout or config.jobs.default_timeout),
@@ -74,6 +77,22 @@ def runner_config(spec: Spec, config: Config, runtime_uuid: str, users: PluginUs
         cgroup=cgroups.job_cgroup(job.uuid, _plain(limits.memory, int), limits.processes),
         cgroup_controllers=list(cgroups.controllers),
         log_format=config.log_format, log_level=config.log_level)
+
+
+def _download_note(job, config: Config) -> str | None:
+    if job.plugin.url is None:
+        return None
+    if not config.plugin_store.allow_download:
+        return f"plugin.url {job.plugin.url} is not downloaded: plugin_store.allow_download is false"
+    if job.plugin.sha256 is None:
+        return f"plugin.url {job.plugin.url} is downloaded only with a plugin.sha256"
+    return f"not downloaded yet from {job.plugin.url}"
+
+
+def _download_dirs(job, config: Config) -> list[str]:
+    if job.plugin.url and job.plugin.sha256 and config.plugin_store.allow_download:
+        return [downloads_dir(config.state_dir)]
+    return []
 
 
 def _plain(value, kind):
