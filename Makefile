@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 CONFIG ?= examples/config.toml
 
-.PHONY: venv run test bench clean
+.PHONY: venv run test bench clean package package-check offline-bundle
 
 venv: $(VENV)/.installed runner/ar-exec
 
@@ -26,5 +26,19 @@ test: venv
 bench: venv
 	$(PY) benchmarks/run.py
 
+# .deb and .rpm in dist/ (nfpm, build-only tools in build/tools); reproducible for a given
+# SOURCE_DATE_EPOCH (default: the last commit's time). Needs /usr/bin/python3.11 (apt: python3
+# python3-venv), a C compiler and PyPI. See README "Packages".
+package:
+	bash packaging/build.sh
+
+# lintian, rpmlint, both packages installed into scratch roots and run from there
+package-check:
+	bash packaging/check.sh
+
+# both packages + SHA256SUMS + README in one tarball for air-gapped hosts
+offline-bundle: package
+	bash packaging/bundle.sh
+
 clean:
-	rm -rf $(VENV) examples/state build *.egg-info runner/ar-exec
+	rm -rf $(VENV) examples/state build dist *.egg-info runner/ar-exec

@@ -15,6 +15,10 @@ Benchmarks:
   memory     USS of idle runners vs a fresh Python interpreter
   latency    spec file change -> first result of the new revision, vs a fresh `python -c pass`
   outbox     benchmarks/outbox_bench.run(), when that module is present
+  confsync   a 1,000-spec snapshot from the Configuration service: stored, every runner running
+             (vs the same atomic writes, and 1,000 forks); then a 1-spec delta touches 1 runner
+  hub        the http sink: results/s from the outbox to a loopback hub (batched vs one POST per
+             result), and the publisher's memory with 1 million results pending (bench_hub.py)
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ if str(HERE) not in sys.path:
 import benchlib  # noqa: E402
 from benchlib import IS_ROOT, PYTHON, RUN_AS_USER, SH_PLUGIN, Area, compile_c_plugin  # noqa: E402
 
-ALL = ("per-run", "spawn", "memory", "latency", "outbox")
+ALL = ("per-run", "spawn", "memory", "latency", "outbox", "confsync", "hub")
 
 
 def say(*lines: str) -> None:
@@ -189,6 +193,32 @@ def bench_outbox(area: Area, args, report: dict) -> None:
     say(*format_outbox(r))
 
 
+def bench_confsync(area: Area, args, report: dict) -> None:
+    import bench_confsync as b
+    section("5. Configuration service: 1,000-spec snapshot, then a 1-spec delta")
+    try:
+        r = b.run(area, jobs=1000, log=say)
+    except Exception as e:  # noqa: BLE001
+        say(f"  FAILED: {e}")
+        report["confsync"] = {"error": str(e), "traceback": traceback.format_exc()}
+        return
+    report["confsync"] = r
+    say(*b.format_result(r))
+
+
+def bench_hub(area: Area, args, report: dict) -> None:
+    import bench_hub as b
+    section("6. http sink: outbox -> loopback hub, batched vs one POST per result; memory with 1M pending")
+    try:
+        r = b.run(results=100_000 if args.quick else 200_000, single_window=3.0 if args.quick else 5.0,
+                  pending=1_000_000, log=say)
+    except Exception as e:  # noqa: BLE001
+        say(f"  FAILED: {e}")
+        report["hub"] = {"error": str(e), "traceback": traceback.format_exc()}
+        return
+    report["hub"] = r
+
+
 def format_outbox(r) -> list[str]:
     if not isinstance(r, dict):
         return [f"  {r!r}"]
@@ -241,6 +271,19 @@ def summary(report: dict) -> list[str]:
         lines.append(f"  {'spec change':<18} median {1000 * s['latency_s']['median']:.0f} ms, "
                      f"max {1000 * s['latency_s']['max']:.0f} ms -> {s['ratio_median_to_python_start']:.1f}x "
                      f"a fresh `python -c pass` ({1000 * s['baseline_python_start_s']['median']:.0f} ms)")
+    c = report.get("confsync")
+    if c and "all_running_s" in c:
+        lines.append(f"  {'confsync 1000':<18} stored {1000 * c['snapshot_stored_s']:.0f} ms "
+                     f"({c['ratio_stored_to_baseline']:.2f}x the same atomic writes), all running "
+                     f"{1000 * c['all_running_s']:.0f} ms ({c['ratio_running_to_fork_baseline']:.2f}x 1,000 forks); "
+                     f"1-spec delta {1000 * c['delta_applied_s']:.0f} ms, touched {c['runners_touched_by_delta']}")
+    h = report.get("hub")
+    if isinstance(h, dict) and "batched" in h:
+        m = h["memory"]
+        lines.append(f"  {'http sink':<18} {h['batched']['per_s']:,} results/s batched (target >= 20,000), "
+                     f"{h['single']['per_s']:,}/s one POST each -> {h['speedup']}x (target >= 20x); publisher USS "
+                     f"{m['pending']['uss_mb']} MB with {m['pending']['pending']:,} pending "
+                     f"(+{m['uss_growth_mb']} MB over 1 pending)")
     o = report.get("outbox")
     if isinstance(o, dict) and isinstance(o.get("cases"), list):
         ratios = [c.get("ratio") for c in o["cases"] if isinstance(c, dict) and "ratio" in c]
@@ -279,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
             say(f"cannot run: we are root and user {RUN_AS_USER!r} does not exist")
             return 1
     steps = {"per-run": bench_per_run, "spawn": bench_spawn, "memory": bench_memory, "latency": bench_latency,
-             "outbox": bench_outbox}
+             "outbox": bench_outbox, "confsync": bench_confsync, "hub": bench_hub}
     chosen = args.only or list(ALL)
     area = Area()
     code = 0
@@ -308,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def failed(report: dict) -> bool:
-    parts = list(report.get("per_run", [])) + [report.get(k) for k in ("memory", "spec_latency", "outbox")]
+    parts = list(report.get("per_run", [])) + [report.get(k) for k in ("memory", "spec_latency", "outbox", "confsync", "hub")]
     parts += list(report.get("spawn_paths", {}).values())
     return any(isinstance(p, dict) and "error" in p for p in parts)
 

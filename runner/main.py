@@ -91,7 +91,8 @@ class Runner:
         while not (self.stopping and self.run is None):
             timeout = min(60.0, max(0.0, self._next_deadline() - time.monotonic()))
             for key, _ in self.sel.select(timeout):
-                key.data()
+                if self.sel.get_map().get(key.fd) is key:  # a handler may have closed it (run ended)
+                    key.data()
             self.handle_signals()
             self.tick(time.monotonic())
         self.channel.flush_blocking(5.0)
@@ -142,6 +143,8 @@ class Runner:
 
     def on_stdout(self) -> None:
         run = self.run
+        if run is None:
+            return
         limit = self.cfg.limits.output
         while True:
             try:
@@ -160,6 +163,8 @@ class Runner:
 
     def on_stderr(self) -> None:
         run = self.run
+        if run is None:
+            return
         while True:
             try:
                 chunk = os.read(run.err_fd, READ_CHUNK)

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import os
-import shlex
+import re
 import signal
 import time
 from typing import Any, Literal
@@ -96,7 +96,8 @@ def parse_nagios_output(stdout: bytes, exit_code: int, plugin_name: str, collect
     text = stdout.decode("utf-8", errors="replace")
     first = text.split("\n", 1)[0]
     summary, _, perf = first.partition("|")
-    props = [{"name": item.split("=", 1)[0].strip("'"), "value": item} for item in _split_perfdata(perf)]
+    props = [{"name": label.replace("''", "'") if quoted else label, "value": item}
+             for item, quoted, label in _split_perfdata(perf)]
     observation: dict[str, Any] = {
         "uuid": run_uuid,
         "title": plugin_name,
@@ -113,15 +114,16 @@ def parse_nagios_output(stdout: bytes, exit_code: int, plugin_name: str, collect
     return "error", f"exit code {exit_code}" + (f": {summary.strip()}" if summary.strip() else ""), [observation]
 
 
-def _split_perfdata(perf: str) -> list[str]:
-    perf = perf.strip()
-    if not perf:
-        return []
-    try:
-        return shlex.split(perf, posix=False)
-    except ValueError:
-        return perf.split()
+_PERF_ITEM = re.compile(r"('((?:[^']|'')*)'|[^\s=']+)=\S*")
 
+
+def _split_perfdata(perf: str) -> list[tuple[str, bool, str]]:
+    """(item, quoted, label) for each `label=value;warn;crit;min;max` ('quoted labels' may hold spaces)."""
+    out = []
+    for m in _PERF_ITEM.finditer(perf):
+        quoted = m.group(2) is not None
+        out.append((m.group(0), quoted, m.group(2) if quoted else m.group(1)))
+    return out
 
 def failure_reason(status: int, rusage, limits, stderr_tail: bytes, oom_killed: bool = False,
                    pids_exhausted: bool = False) -> str:

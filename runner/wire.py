@@ -74,8 +74,6 @@ class RunnerConfig(msgspec.Struct, tag=True):
     config_json: bytes  # the spec's "config" object as JSON
     plugin: PluginInfo  # sha256 here is the pin from the spec, if any
     plugin_url: str | None
-    plugin_note: str | None  # why a url plugin may be missing; added to "plugin not found"
-    download_error_file: str | None  # where the supervisor keeps the last download error
     plugin_dirs: list[str]
     require_sha256: bool
     title: str | None
@@ -91,6 +89,8 @@ class RunnerConfig(msgspec.Struct, tag=True):
     limits: RunLimits
     scratch_dir: str
     run_as: tuple[int, int] | None  # (uid, gid) for plugins when we are root
+    plugin_note: str | None = None  # why a url plugin may be missing; added to "plugin not found"
+    download_error_file: str | None = None  # where the supervisor keeps the last download error
     cgroup: str | None = None  # the job's cgroup v2 folder, when cgroups are in use
     cgroup_controllers: list[str] = []  # controllers enabled there: their limits replace rlimits
     log_format: str = "text"

@@ -60,6 +60,11 @@ class Jobs(Strict):
 
 class PluginStore(Strict):
     allow_download: bool = False
+    # beyond SPEC §3: how downloads are made (https only unless allow_http, for loopback tests)
+    allow_http: bool = False
+    ca_file: str | None = None
+    timeout: Duration = Duration(30)
+    max_size: Size = Size(64 << 20)
 
 
 class Sink(Strict):
@@ -71,6 +76,7 @@ class Sink(Strict):
     ca_file: str | None = None
     allow_http: bool = False
     timeout: Duration = Duration(10)
+    retry_max: Duration = Duration(300)  # beyond SPEC §3: the cap of the retry backoff (README)
 
 
 class Publisher(Strict):
@@ -141,6 +147,7 @@ def _absolute_paths(config: Config, base: str) -> Config:
         state_dir=fix(config.state_dir),
         run_dir=fix(config.run_dir),
         plugin_dirs=[fix(d) for d in config.plugin_dirs],
+        plugin_store=msgspec.structs.replace(config.plugin_store, ca_file=fix(config.plugin_store.ca_file)),
         specs=config.specs and SpecsSource(dir=fix(config.specs.dir)),
         configuration=configuration,
         publisher=msgspec.structs.replace(config.publisher, sink=sinks),
@@ -174,6 +181,7 @@ def _check(config: Config, path: str) -> None:
         positive += [("configuration.sync_interval", config.configuration.sync_interval),
                      ("configuration.timeout", config.configuration.timeout)]
     positive += [(f"publisher.sink[{i}].timeout", s.timeout) for i, s in enumerate(config.publisher.sink)]
+    positive += [(f"publisher.sink[{i}].retry_max", s.retry_max) for i, s in enumerate(config.publisher.sink)]
     for key, value in positive:
         if value is not None and value <= 0:
             raise ConfigError(f"{path}: key {key}: must be greater than 0")
@@ -208,6 +216,33 @@ def check_token_file(path: str, key: str) -> str:
     if not token:
         raise ConfigError(f"key {key}: {path} is empty")
     return token
+
+
+def check_sink_files(config: Config, path: str) -> None:
+    """What `run` checks before it starts (not every command: `status` may run as a user
+    who cannot read the token): each http sink's token_file (owner-only, a bearer token)
+    and ca_file (loads as CA certificates). ConfigError names the file and the key."""
+    import re
+    import ssl
+
+    for i, sink in enumerate(config.publisher.sink):
+        if sink.kind != "http":
+            continue
+        key = f"publisher.sink[{i}]"
+        if sink.token_file:
+            try:
+                token = check_token_file(sink.token_file, f"{key}.token_file")
+            except ConfigError as e:
+                raise ConfigError(f"{path}: {e}") from None
+            if not re.fullmatch(r"[\x21-\x7e]+", token):
+                raise ConfigError(f"{path}: key {key}.token_file: {sink.token_file} holds characters a bearer "
+                                  f"token cannot have (only visible ASCII, no spaces)")
+        if sink.ca_file and sink.url and sink.url.startswith("https://"):
+            try:
+                ssl.create_default_context(cafile=sink.ca_file)
+            except (OSError, ssl.SSLError, ValueError) as e:
+                raise ConfigError(f"{path}: key {key}.ca_file: cannot load {sink.ca_file}: "
+                                  f"{getattr(e, 'strerror', None) or e}") from None
 
 
 def load_runtime_uuid(config: Config) -> str:

@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import random
+import select
 import selectors
 import signal
 import socket
@@ -105,6 +106,8 @@ class ZygoteLink:
     def __init__(self) -> None:
         self.proc: subprocess.Popen | None = None
         self.sock: socket.socket | None = None
+        self.pending: list[bytes] = []  # answers read while a request waited for room
+        self.gone = False
 
     def start(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -113,32 +116,52 @@ class ZygoteLink:
         theirs.close()
         ours.setblocking(False)
         self.sock = ours
+        self.pending, self.gone = [], False
         log.info("zygote started, pid %d", self.proc.pid)
 
     def spawn(self, job_uuid: str, fds: list[int]) -> None:
-        self.sock.setblocking(True)
-        try:
-            socket.send_fds(self.sock, [_encode(Spawn(job_uuid=job_uuid))], fds)
-        finally:
-            self.sock.setblocking(False)
+        """Ask for a runner. Never blocks on a full socket while the zygote's answers wait
+        unread on ours (both queues full would be a deadlock): it reads them aside instead."""
+        request = [_encode(Spawn(job_uuid=job_uuid))]
+        deadline = time.monotonic() + 30.0
+        while True:
+            try:
+                socket.send_fds(self.sock, request, fds)
+                return
+            except BlockingIOError:
+                pass
+            if not self._receive() or time.monotonic() > deadline:
+                raise OSError("the zygote does not take requests")
+            select.select([self.sock], [self.sock], [], 0.5)
 
-    def messages(self) -> list[Spawned | Exited] | None:
-        """What the zygote has said; None when it is gone."""
-        out = []
-        decode = msgspec.msgpack.Decoder(ZygoteToSupervisor).decode
+    def _receive(self) -> bool:
+        """Move what the zygote sent into self.pending; False when it is gone."""
         while True:
             try:
                 data = self.sock.recv(65536)
             except BlockingIOError:
-                return out
+                return True
             except ConnectionResetError:
-                return None
+                data = b""
             if not data:
-                return None if not out else out
+                self.gone = True
+                return False
+            self.pending.append(data)
+
+    def messages(self) -> list[Spawned | Exited] | None:
+        """What the zygote has said; None when it is gone."""
+        self._receive()
+        out = []
+        decode = msgspec.msgpack.Decoder(ZygoteToSupervisor).decode
+        for data in self.pending:
             try:
                 out.append(decode(data))
             except (msgspec.DecodeError, msgspec.ValidationError) as e:
                 log.error("bad message from the zygote: %s", e)
+        self.pending.clear()
+        if self.gone and not out:
+            return None
+        return out
 
     def stop(self, timeout: float = 5.0) -> None:
         if self.sock is not None:

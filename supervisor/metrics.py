@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 from collections import defaultdict
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,15 @@ def _label(value: object) -> str:
     return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
+def _unix_time(iso: str | None) -> float:
+    if not iso:
+        return 0
+    try:
+        return datetime.datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return 0
+
+
 class Metrics:
     """Counters the loop bumps; gauges are read from the live state when rendered."""
 
@@ -23,6 +33,7 @@ class Metrics:
         self.duration_sum: dict[str, float] = defaultdict(float)
         self.duration_count: dict[str, int] = defaultdict(int)
         self.runner_exits = 0
+        self.source_syncs: dict[tuple[str, str], int] = defaultdict(int)
 
     def run_finished(self, job: str, status: str, duration: float) -> None:
         self.runs[(job, status)] += 1
@@ -31,6 +42,10 @@ class Metrics:
 
     def runner_exited(self) -> None:
         self.runner_exits += 1
+
+    def source_synced(self, kind: str, outcome: str) -> None:
+        """kind "http": snapshot, delta, not_modified, gone or failed; kind "dir": ok or failed."""
+        self.source_syncs[(kind, outcome)] += 1
 
     def render(self, service: "Service") -> str:
         out: list[str] = []
@@ -71,7 +86,21 @@ class Metrics:
                                    ("dead_lettered", "counter", "Results the sink refused, kept in dead-letter/.")):
             name = f"sink_{field}_total" if kind == "counter" else f"sink_{field}"
             metric(name, kind, help_, [({"sink": s["name"]}, s.get(field) or 0) for s in sinks])
+        metric("sink_oldest_pending_age_seconds", "gauge", "Age of the oldest result waiting for the sink (0: none).",
+               [({"sink": s["name"]}, s.get("oldest_pending_age") or 0) for s in sinks])
+        metric("sink_last_success_timestamp_seconds", "gauge",
+               "Unix time of the sink's last successful delivery (0: none since the publisher started).",
+               [({"sink": s["name"]}, _unix_time(s.get("last_success"))) for s in sinks])
+        metric("sink_up", "gauge", "1 when the sink's last delivery attempt succeeded (no last_error), else 0.",
+               [({"sink": s["name"], "kind": s.get("kind", "")}, 0 if s.get("last_error") else 1) for s in sinks])
         metric("source_consecutive_failures", "gauge", "Failed syncs in a row by source.",
                [({"kind": s["kind"], "location": s["location"]}, s["consecutive_failures"])
+                for s in service.status()["sources"]])
+        metric("source_syncs_total", "counter", "Source syncs by source kind and outcome.",
+               [({"kind": k, "outcome": o}, n) for (k, o), n in sorted(self.source_syncs.items())])
+        metric("source_specs", "gauge", "Specs stored by source (before clashes are taken out).",
+               [({"kind": k}, len(v)) for k, v in sorted(service.store.specs.items())])
+        metric("source_last_success_timestamp_seconds", "gauge", "Unix time of the source's last good sync (0: none).",
+               [({"kind": s["kind"], "location": s["location"]}, _unix_time(s["last_success"]))
                 for s in service.status()["sources"]])
         return "\n".join(out) + "\n"

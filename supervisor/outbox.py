@@ -78,7 +78,9 @@ def segment_name(first_seq: int) -> str:
 
 
 def default_segment_bytes(max_bytes: int) -> int:
-    return min(64 << 20, max(1 << 20, max_bytes // 8))
+    """An eighth of the bound (so a drop takes about an eighth of the outbox), 4 KiB to 64 MiB.
+    Small bounds get small segments: a 64 KiB outbox holds about 64 KiB, not a 1 MiB segment."""
+    return min(64 << 20, max(4 << 10, max_bytes // 8))
 
 
 class Outbox:
@@ -91,6 +93,7 @@ class Outbox:
         self._unsaved: set[str] = set()  # sinks whose cursor moved since it was saved
         self._saved_at = 0.0
         self._lock = threading.Lock()  # guards the metadata below; never held across an fsync of a segment
+        self._save_lock = threading.Lock()  # one cursor saver at a time (taken before _lock, never inside it)
         self._append_lock = threading.Lock()  # one writer at a time
         self._segments: list[_Segment] = []
         self._firsts: list[int] = []  # first_seq of each segment, for bisect
@@ -384,10 +387,10 @@ class Outbox:
                 after = self._next_seq
                 self._cursors[sink] = Cursor(after, cursor.segment, self._segments[i].size)
             lost = after - cursor.next_seq
-            new = self._cursors[sink]
+            self._unsaved.add(sink)
         log.error("outbox: %s in %s at offset %d: sink %s skips %d results (%d..%d)",
                   problem, segment_name(cursor.segment), cursor.offset, sink, lost, cursor.next_seq, after - 1)
-        self._persist_cursor(sink, new)
+        self.save_cursors()
 
     # -- delivery progress ---------------------------------------------------------------
 
@@ -410,13 +413,23 @@ class Outbox:
         self._remove_passed_segments()
 
     def save_cursors(self) -> None:
-        """Persist every cursor that moved since it was last saved."""
-        with self._lock:
-            unsaved = {name: self._cursors[name] for name in self._unsaved if name in self._cursors}
-            self._unsaved.clear()
-            self._saved_at = time.monotonic()
-        for name, cursor in unsaved.items():
-            self._persist_cursor(name, cursor)
+        """Persist every cursor that moved since it was last saved.
+
+        One saver at a time (sink threads and the main thread all call this): two writers
+        of one cursor file would share its temp name, and a caller about to delete segments
+        must not go on while another thread is still writing a cursor it took."""
+        with self._save_lock:
+            with self._lock:
+                unsaved = {name: self._cursors[name] for name in self._unsaved if name in self._cursors}
+                self._unsaved.clear()
+                self._saved_at = time.monotonic()
+            for name, cursor in unsaved.items():
+                try:
+                    self._persist_cursor(name, cursor)
+                except OSError:
+                    with self._lock:
+                        self._unsaved.add(name)  # try again next time
+                    raise
 
     def _position_after(self, sink: str, seq: int) -> Cursor:
         last = self._last_read.get(sink)

@@ -11,8 +11,11 @@ acknowledged once it is on disk); about once a second, send `PublisherStats`.
 Each sink has its own thread and its own cursor in the outbox, so a slow or broken sink
 never holds back another. A sink thread delivers as soon as anything is pending (up to
 batch_max at a time: what arrives during one delivery is the next batch) and advances its
-cursor; it looks again at least every flush_interval; on failure it retries the same batch
-with exponential backoff and full jitter.
+cursor; it looks again at least every flush_interval. A sink may take part of a batch
+before it fails (DeliveryError.done: an http sink that bisected a refused batch): the
+cursor moves past that part. After a failure the rest is retried with exponential backoff
+and full jitter (cap: the sink's retry_max, 5 min by default), or after the Retry-After the
+receiver asked for, for as long as the outbox holds it.
 
 Stopping (EOF on the pipe, SIGTERM, SIGINT): commit and acknowledge what was read, give the
 sinks up to DRAIN_TIMEOUT to deliver what is pending, exit 0. What is not delivered stays in
@@ -41,7 +44,7 @@ from runner.framing import MAX_FRAME, Channel, FrameError
 from runner.log import setup_logging
 from supervisor.config import Publisher as PublisherConfig
 from supervisor.outbox import Outbox
-from supervisor.sink import ResultSink, make_sink
+from supervisor.sink import DeliveryError, ResultSink, make_sink
 from supervisor.units import dec_hook
 
 STATS_INTERVAL = 1.0
@@ -109,24 +112,34 @@ def utc_now_iso() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def backoff_delay(attempt: int) -> float:
-    """Full jitter over an exponential cap (2 s, 4 s, ... 5 min), never under 1 s."""
-    return max(1.0, random.uniform(0.0, min(BACKOFF_MAX, 2.0 ** attempt)))
+def backoff_delay(attempt: int, cap: float = BACKOFF_MAX) -> float:
+    """Full jitter over an exponential cap (2 s, 4 s, ... `cap`, 5 min by default), never under 1 s."""
+    return max(1.0, random.uniform(0.0, min(cap, 2.0 ** attempt)))
+
+
+def retry_delay(attempt: int, retry_after: float | None, cap: float = BACKOFF_MAX) -> float:
+    """After a failure: what the receiver asked (Retry-After, plus up to 10% so that agents
+    told the same do not come back at the same instant; at least 1 s), else the backoff."""
+    if retry_after is not None:
+        return max(1.0, retry_after * random.uniform(1.0, 1.1))
+    return backoff_delay(attempt, cap)
 
 
 # -- one thread per sink ------------------------------------------------------------------
 
 class SinkWorker:
     def __init__(self, sink: ResultSink, outbox: Outbox, wakeup: threading.Condition,
-                 batch_max: int, flush_interval: float):
+                 batch_max: int, flush_interval: float, retry_max: float = BACKOFF_MAX):
         self.sink = sink
+        self.retry_max = retry_max
         self.name = sink.name
         self.outbox = outbox
         self.wakeup = wakeup  # notified after each commit and when stopping
         self.batch_max = batch_max
         self.flush_interval = flush_interval
         self.stop_at: float | None = None  # set (under wakeup) when the publisher stops
-        self.delivered = 0
+        self.delivered = 0  # results the sink took (a 2xx from a hub; written for a file)
+        self.dead_lettered = 0  # results the receiver refused, kept in state_dir/dead-letter/
         self.failures = 0
         self.last_error: str | None = None
         self.last_success: str | None = None
@@ -164,32 +177,48 @@ class SinkWorker:
                 return True
 
     def deliver_batch(self) -> None:
+        """Hand the next batch to the sink; advance the cursor past what it took (all of the
+        batch, or the part before a failure) and back off after a failure."""
+        failure: Exception | None = None
+        retry_after = None
+        done = dead = 0
+        records: list[tuple[int, bytes]] = []
         try:
             records = self.outbox.read(self.name, self.batch_max)
             if not records:
                 return
-            self.sink.deliver([payload for _, payload in records])
-            self.outbox.advance(self.name, records[-1][0])
+            try:
+                dead = self.sink.deliver([payload for _, payload in records], deadline=self.stop_at) or 0
+                done = len(records)
+            except DeliveryError as e:
+                failure, done, dead, retry_after = e, e.done, e.dead_lettered, e.retry_after
+            if done:
+                self.outbox.advance(self.name, records[done - 1][0])
         except Exception as e:  # a sink thread must survive anything its sink raises
-            self.failures += 1
-            self._attempt += 1
-            self.last_error = str(e) or type(e).__name__
-            delay = backoff_delay(self._attempt)
-            self._retry_at = time.monotonic() + delay
-            log.warning("sink %s: delivery failed (%s); retry %d in %.1fs",
-                        self.name, self.last_error, self._attempt, delay)
+            failure = e
+        if done:
+            self.delivered += done - dead
+            self.dead_lettered += dead
+            self.last_success = utc_now_iso()
+        if failure is None:
+            if self._attempt:
+                log.info("sink %s: delivering again after %d failed attempts", self.name, self._attempt)
+            self._attempt = 0
+            self.last_error = None
             return
-        self.delivered += len(records)
-        self.last_success = utc_now_iso()
-        if self._attempt:
-            log.info("sink %s: delivering again after %d failed attempts", self.name, self._attempt)
-        self._attempt = 0
+        self.failures += 1
+        self._attempt += 1
+        self.last_error = str(failure) or type(failure).__name__
+        delay = retry_delay(self._attempt, retry_after, self.retry_max)
+        self._retry_at = time.monotonic() + delay
+        log.warning("sink %s: delivery failed (%s)%s; retry %d in %.1fs", self.name, self.last_error,
+                    f" after {done} of {len(records)} results were taken" if done else "", self._attempt, delay)
 
     def stats(self, outbox_sink: dict) -> SinkStats:
         return SinkStats(
             name=self.name, kind=self.sink.kind, delivered=self.delivered,
             pending=outbox_sink["pending"], failures=self.failures,
-            dead_lettered=getattr(self.sink, "dead_lettered", 0),
+            dead_lettered=self.dead_lettered,
             last_error=self.last_error, last_success=self.last_success,
             oldest_pending_age=self._oldest_pending_age() if outbox_sink["pending"] else None)
 
@@ -216,8 +245,9 @@ class PublisherProcess:
         self.outbox = Outbox(os.path.join(settings.state_dir, "outbox"), config.outbox_max,
                              sinks=[s.name for s in config.sink])
         self.wakeup = threading.Condition()
-        self.workers = [SinkWorker(make_sink(s), self.outbox, self.wakeup, config.batch_max,
-                                   config.flush_interval) for s in config.sink]
+        self.workers = [SinkWorker(make_sink(s, settings.state_dir, f"publisher.sink[{i}]"), self.outbox,
+                                   self.wakeup, config.batch_max, config.flush_interval, float(s.retry_max))
+                        for i, s in enumerate(config.sink)]
         self.sel = selectors.DefaultSelector()
         self.signals: list[int] = []
         self.stopping: str | None = None  # why we stop
@@ -295,7 +325,10 @@ class PublisherProcess:
         if now < self.next_stats_at:
             return
         self.next_stats_at = now + STATS_INTERVAL
-        self.outbox.save_cursors()  # the sinks' progress reaches the disk within about a second
+        try:
+            self.outbox.save_cursors()  # the sinks' progress reaches the disk within about a second
+        except OSError as e:  # only means duplicates after a crash; tried again next second
+            log.error("cannot save the sink cursors: %s", e)
         if self.channel.pending_output > MAX_STATS_BACKLOG:
             return
         self.send(self.stats())
@@ -371,8 +404,14 @@ class PublisherProcess:
                 worker.stop_at = deadline
             self.wakeup.notify_all()
         for worker in self.workers:
-            # A delivery in flight at the deadline may still finish: allow it a moment.
+            # A delivery in flight at the deadline may still finish: allow it a moment. (While
+            # stopping, a sink caps each request at the deadline; one that began before the
+            # stop keeps its own timeout, and its thread is a daemon: it does not hold us.)
             worker.thread.join(max(0.0, deadline - time.monotonic()) + 1.0)
+        try:
+            self.outbox.save_cursors()  # what the sinks took, even if one of them is still stuck
+        except OSError as e:
+            log.error("cannot save the sink cursors: %s (their results are delivered again)", e)
         self.send(self.stats())
         try:
             self.channel.flush_blocking(1.0)

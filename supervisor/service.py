@@ -28,15 +28,18 @@ from runner.protocol import iso_time
 from runner.wire import ResultSummary
 from supervisor import __version__
 from supervisor.cgroups import CgroupTree
-from supervisor.config import Config, ConfigError, load_config, load_runtime_uuid
+from supervisor.config import Config, ConfigError, check_sink_files, load_config, load_runtime_uuid
 from supervisor.control import ControlServer, json_response
 from supervisor.delivery import PublisherLink
+from supervisor.downloads import Downloader
 from supervisor.folder import FolderWatcher, read_specs_folder
 from supervisor.manager import JobManager, RunnerRecord, ZygoteLink, backoff_delay, runner_config
 from supervisor.metrics import Metrics
+from supervisor.notify import Notifier
 from supervisor.publisher import PublisherSettings
 from supervisor.users import resolve_plugin_users
 from supervisor.store import Rejection, SpecStore
+from supervisor.sync import ConfigSync, SyncResult, apply_to_store, check_source
 
 log = logging.getLogger("supervisor")
 
@@ -75,7 +78,13 @@ class Service:
     def __init__(self, config_file: str):
         self.config_file = config_file
         self.config: Config = load_config(config_file)
+        check_sink_files(self.config, config_file)  # hub token_file mode, ca_file: exit 78
         self.users = resolve_plugin_users(self.config)
+        if self.config.configuration is not None:  # token_file mode, ca_file: exit 78 before anything starts
+            try:
+                check_source(self.config.configuration)
+            except ConfigError as e:
+                raise ConfigError(f"{config_file}: {e}") from None
         self.selector = selectors.DefaultSelector()
         self.signals: list[int] = []
         self.started_at = iso_now()
@@ -85,12 +94,16 @@ class Service:
         self.next_resync = 0.0
         self.next_child_check = 0.0
         self.metrics = Metrics()
+        self.notifier = Notifier.from_environ()  # systemd: READY/STATUS/WATCHDOG/STOPPING
         self.cgroups = CgroupTree()
+        self.downloader: Downloader | None = None
         self.zygote = ZygoteLink()
         self.manager = JobManager(self.selector, self.zygote, self.on_result)
         self.publisher = PublisherLink(self.selector)
         self.folder_source: SourceState | None = None
         self.watcher: FolderWatcher | None = None
+        self.http_source: SourceState | None = None
+        self.config_sync: ConfigSync | None = None
         self.zygote_restart_at: float | None = None
         self.zygote_failures = 0
         self.rejected: list[Rejection] = []
@@ -129,22 +142,71 @@ class Service:
         self.control = ControlServer(os.path.join(cfg.run_dir, "control.sock"), self.selector, self.handle_request)
         self.control.listen()
         self.start_sources()
+        self.start_downloader()
         log.info("assessment-runtime %s started (runtime %s, %d stored specs)", __version__, self.runtime_uuid,
                  sum(len(s) for s in self.store.specs.values()))
 
     def start_sources(self) -> None:
+        self.start_folder_source()
+        self.start_config_sync()
+
+    def start_folder_source(self) -> None:
         cfg = self.config
         if cfg.specs is not None:
             self.folder_source = SourceState("dir", cfg.specs.dir)
             self.watcher = FolderWatcher(cfg.specs.dir, self.notify_folder, cfg.jobs.resync_interval)
             self.watcher.start()
+        else:
+            self.store.replace("dir", {})  # a source taken out of the config no longer runs its specs
         self.folder_dirty = True
 
+    def start_config_sync(self, previous=None) -> None:
+        """The [configuration] source: its worker thread asks the service at once; until it
+        answers, the stored specs (and revision, when it is for this endpoint) are used."""
+        settings = self.config.configuration
+        if settings is None:
+            self.store.replace("http", {}, rejected=[])
+            self.store.forget_revision("http")
+            return
+        self.http_source = SourceState("http", settings.url)
+        try:
+            self.config_sync = ConfigSync(settings, self.runtime_uuid, self.wake, previous)
+        except ConfigError as e:  # checked before; only a file changed since then gets here
+            self.http_source.failed(str(e))
+            log.error("configuration service: %s", e)
+            return
+        if self.store.claim("http", self.config_sync.location):
+            log.info("configuration service: the stored revision is for another endpoint; asking for the full set")
+        self.http_source.revision = self.store.revisions["http"]
+        self.config_sync.start()
+
+    def start_downloader(self) -> None:
+        if self.config.plugin_store.allow_download:
+            self.downloader = Downloader(self.config.state_dir, self.config.plugin_store)
+            self.downloader.start()
+
+    def stop_downloader(self) -> None:
+        if self.downloader is not None:
+            self.downloader.stop()
+            self.downloader = None
+
     def stop_sources(self) -> None:
+        self.stop_folder_source()
+        self.stop_config_sync()
+
+    def stop_folder_source(self) -> None:
         if self.watcher is not None:
             self.watcher.stop()
             self.watcher = None
         self.folder_source = None
+
+    def stop_config_sync(self):
+        """Stop the worker; returns its thread (a request in flight may still be ending)."""
+        sync, self.config_sync, self.http_source = self.config_sync, None, None
+        if sync is None:
+            return None
+        sync.stop()
+        return sync.thread
 
     def publisher_settings(self) -> PublisherSettings:
         cfg = self.config
@@ -154,6 +216,10 @@ class Service:
     def notify_folder(self) -> None:
         """Called from the watcher thread: flag it and wake the loop."""
         self.folder_dirty = True
+        self.wake()
+
+    def wake(self) -> None:
+        """Called from any thread: the loop wakes up and looks at everything."""
         try:
             self._wake_w.send(b"\0")
         except (BlockingIOError, OSError):
@@ -185,13 +251,16 @@ class Service:
                 self.next_child_check = now + 1.0
                 self.publisher.check(now)
                 self.check_zygote(now)
+            self.notifier.tick(self, now)  # READY once the publisher is up; watchdog from the loop itself
         return self.shutdown()
 
     def _next_timer(self, now: float) -> float:
-        timers = [self.next_resync, self.next_child_check, self.manager.next_timer()]
+        timers = [self.next_resync, self.next_child_check, self.manager.next_timer(), self.notifier.next_timer()]
         timers += [t for t in (self.publisher.restart_at, self.zygote_restart_at) if t is not None]
         if self.folder_dirty:
             timers.append(now)
+        if self.config_sync is not None:
+            timers.append(self.config_sync.next_timer())
         return min(timers)
 
     def _drain_wakeup(self) -> None:
@@ -214,15 +283,24 @@ class Service:
                 self.check_zygote(now)
 
     def sync_sources(self, now: float) -> None:
-        """Re-read the folder source when the watcher or the resync timer asks."""
-        if self.folder_source is None or not (self.folder_dirty or now >= self.next_resync):
-            return
+        """Both spec sources. The folder is re-read when its watcher or the resync timer asks.
+        The Configuration service's answers are applied as they arrive, and it is asked again
+        when due; the request itself runs in ConfigSync's thread, never here."""
+        if self.folder_source is not None and (self.folder_dirty or now >= self.next_resync):
+            self.read_folder()
+        if self.config_sync is not None:
+            for result in self.config_sync.finished():
+                self.take_answer(result, now)
+            self.config_sync.start_if_due(now, self.store.revisions["http"])
+
+    def read_folder(self) -> None:
         self.folder_dirty = False
         source = self.folder_source
         try:
             specs, rejected = read_specs_folder(source.location)
         except OSError as e:
             source.failed(f"cannot read {source.location}: {e.strerror}")
+            self.metrics.source_synced("dir", "failed")
             log.error("spec folder: %s; keeping the stored specs", source.last_error)
             return
         source.rejected = rejected
@@ -231,6 +309,39 @@ class Service:
         if self.store.replace("dir", specs):
             self.store_dirty = True
         source.succeeded(_folder_revision(specs))
+        self.metrics.source_synced("dir", "ok")
+
+    def take_answer(self, result: SyncResult, now: float) -> None:
+        """One answer of the Configuration service (main thread: store and status are ours)."""
+        source, sync = self.http_source, self.config_sync
+        self.metrics.source_synced("http", result.outcome)
+        if result.outcome == "gone":
+            log.info("configuration service: revision %s is gone (410); asking for the full set", result.since)
+            self.store.forget_revision("http")
+            source.revision = None
+            sync.settle(now, ok=True, at_once=True)
+            return
+        if result.outcome in ("snapshot", "delta"):
+            try:
+                apply_to_store(self.store, result)
+            except OSError as e:
+                result = SyncResult(outcome="failed", since=result.since, error=f"cannot store the answer: {e}")
+            self.store_dirty = True  # reconcile, and show the new rejections
+        if result.outcome == "failed":
+            source.failed(result.error)
+            delay = sync.settle(now, ok=False)
+            log.warning("configuration service: %s; keeping the last good specs; next try in %.1fs",
+                        result.error, delay)
+            return
+        for r in result.rejected:
+            log.warning("rejected spec (%s): %s", r.uuid or "no uuid", r.reason)
+        source.succeeded(self.store.revisions["http"])
+        sync.settle(now, ok=True)
+        if result.outcome == "not_modified":
+            log.debug("configuration service: revision %s not modified (%.3fs)", result.since, result.seconds)
+        else:
+            log.info("configuration service: %s %s: %d upserted, %d deleted, %d rejected (%.3fs)", result.outcome,
+                     result.revision, len(result.upserted), len(result.deleted), len(result.rejected), result.seconds)
 
     def manage_runners(self, now: float) -> None:
         self.store_dirty = False
@@ -239,11 +350,16 @@ class Service:
         self.rejected = clashes + list(self.store.problems)
         if self.folder_source is not None:
             self.rejected += self.folder_source.rejected
+        self.rejected += self.store.rejections["http"]
         if self.zygote.sock is None:
             return
         desired = {uuid: (spec, runner_config(spec, self.config, self.runtime_uuid, self.users, self.cgroups))
                    for uuid, spec in specs.items()}
         self.manager.manage_runners(desired, now)
+        if self.zygote.pending or self.zygote.gone:
+            self.read_zygote()  # answers read aside while spawning
+        if self.downloader is not None:
+            self.downloader.want(specs)
         self.cgroups.prune({uuid for uuid, rec in self.manager.runners.items() if rec.alive} | set(desired))
 
     def read_zygote(self) -> None:
@@ -285,9 +401,13 @@ class Service:
     # -- reload and stop -----------------------------------------------------------------
 
     def reload(self, now: float) -> None:
+        old_settings = self.config.configuration
         try:
             config = load_config(self.config_file)
+            check_sink_files(config, self.config_file)
             users = resolve_plugin_users(config)
+            if config.configuration is not None and config.configuration != old_settings:
+                check_source(config.configuration)
         except ConfigError as e:
             log.error("SIGHUP: config not reloaded, keeping the running one: %s", e)
             return
@@ -296,22 +416,27 @@ class Service:
         setup_logging("supervisor", config.log_format, config.log_level)
         self.manager.stop_grace = config.jobs.stop_grace
         if config.specs != old.specs or config.jobs.resync_interval != old.jobs.resync_interval:
-            self.stop_sources()
-            self.start_sources()
-            if config.specs is None:
-                self.store.replace("dir", {})
+            self.stop_folder_source()
+            self.start_folder_source()
+        if config.configuration != old.configuration:
+            self.start_config_sync(previous=self.stop_config_sync())
         if self.publisher_settings() != self.publisher.settings:
             log.info("publisher settings changed: restarting the publisher")
             self.publisher.stop(timeout=5.0)
             self.publisher.stopping = False
             self.publisher.start(self.publisher_settings(), now)
+        if config.plugin_store != old.plugin_store or config.state_dir != old.state_dir:
+            self.stop_downloader()
+            self.start_downloader()
         self.store_dirty = True
         log.info("config reloaded from %s", self.config_file)
 
     def shutdown(self) -> int:
         """Stop runners (grace, then SIGKILL), hand their last results over, flush, exit 0."""
+        self.notifier.stopping(f"stopping: {self.manager.alive_count} runners")
         now = time.monotonic()
         self.stop_sources()
+        self.stop_downloader()
         self.control.close()
         self.manager.stop_all(now)
         deadline = now + self.config.jobs.stop_grace + 10.0
@@ -368,7 +493,7 @@ class Service:
                 "next_run_in": None if rec.next_run_at is None else round(max(0.0, rec.next_run_at - now), 3),
                 "last_result": rec.last_result,
             })
-        sources = [s.as_dict() for s in (self.folder_source,) if s is not None]
+        sources = [s.as_dict() for s in (self.http_source, self.folder_source) if s is not None]
         stats = self.publisher.stats
         sink_kinds = {s.name: s.kind for s in self.config.publisher.sink}
         return {

@@ -1,10 +1,11 @@
 """The on-disk spec store: the last good specs of every source, kept under state_dir.
 
-Layout: `specs/<source>/<uuid>.json` (each `{"source": ..., "spec": {...}}`) and
-`specs/<source>/revision` (the Configuration service's opaque revision). Every write is
-atomic; specs are written before the revision, so a crash never leaves a revision that
-claims more than the store holds. A file that does not load is moved to `quarantine/` and
-reported; it is never fatal. After a restart the stored specs run before any source answers.
+Layout: `specs/<source>/<uuid>.json` (each `{"source": ..., "spec": {...}}`),
+`specs/<source>/revision` (the Configuration service's opaque revision), `rejected` (that
+source's rejected specs, JSON) and `location` (the endpoint the revision belongs to). Every
+write is atomic; specs and rejections are written before the revision, so a crash never
+leaves a revision that claims more than the store holds. A file that does not load is moved
+to `quarantine/` and reported; it is never fatal. After a restart the stored specs run before any source answers.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ class SpecStore:
         self.quarantine_dir = os.path.join(state_dir, "quarantine")
         self.specs: dict[str, dict[str, Spec]] = {s: {} for s in SOURCES}
         self.revisions: dict[str, str | None] = {s: None for s in SOURCES}
+        self.rejections: dict[str, list[Rejection]] = {s: [] for s in SOURCES}  # stored with the revision
+        self.locations: dict[str, str | None] = {s: None for s in SOURCES}
         self.problems: list[Rejection] = []  # files quarantined at load
 
     def load(self) -> None:
@@ -50,6 +53,10 @@ class SpecStore:
                 path = os.path.join(folder, name)
                 if name == "revision":
                     self.revisions[source] = _read_text(path)
+                elif name == "location":
+                    self.locations[source] = _read_text(path)
+                elif name == "rejected":
+                    self._load_rejections(source, path)
                 elif name.endswith(".json"):
                     self._load_spec(source, path)
                 elif ".tmp." in name:
@@ -67,6 +74,13 @@ class SpecStore:
             return
         self.specs[source][spec.job.uuid] = spec
 
+    def _load_rejections(self, source: str, path: str) -> None:
+        try:
+            with open(path, "rb") as f:
+                self.rejections[source] = msgspec.json.decode(f.read(), type=list[Rejection])
+        except (OSError, msgspec.DecodeError, msgspec.ValidationError) as e:
+            log.warning("cannot read %s (%s); the next full sync lists rejections again", path, e)
+
     def _quarantine(self, source: str, path: str, reason: str) -> None:
         os.makedirs(self.quarantine_dir, mode=0o700, exist_ok=True)
         target = os.path.join(self.quarantine_dir, f"{source}-{os.path.basename(path)}-{time.time_ns()}")
@@ -79,28 +93,47 @@ class SpecStore:
 
     # -- writes --------------------------------------------------------------------------
 
-    def replace(self, source: str, specs: dict[str, Spec], revision: str | None = None) -> bool:
-        """Make `specs` the whole set of this source. True when anything changed."""
+    def replace(self, source: str, specs: dict[str, Spec], revision: str | None = None,
+                rejected: list[Rejection] | None = None) -> bool:
+        """Make `specs` the whole set of this source. True when any spec changed."""
         current = self.specs[source]
         deleted = [u for u in current if u not in specs]
-        return self.apply(source, list(specs.values()), deleted, revision)
+        return self.apply(source, list(specs.values()), deleted, revision, rejected)
 
-    def apply(self, source: str, upserted: list[Spec], deleted: list[str], revision: str | None = None) -> bool:
+    def apply(self, source: str, upserted: list[Spec], deleted: list[str], revision: str | None = None,
+              rejected: list[Rejection] | None = None) -> bool:
+        """Upsert and delete specs, then store `rejected` (when given) and last the revision."""
         current = self.specs[source]
         folder = os.path.join(self.root, source)
-        changed = False
+        writes: dict[str, Spec] = {}
         for spec in upserted:
             old = current.get(spec.job.uuid)
             if old is not None and old.revision == spec.revision and old.source == spec.source:
                 continue
-            doc = b'{"source":' + msgspec.json.encode(spec.source) + b',"spec":' + spec.canonical + b"}"
-            write_atomic(os.path.join(folder, f"{spec.job.uuid}.json"), doc)
-            current[spec.job.uuid] = spec
-            changed = True
-        for uuid in deleted:
-            if current.pop(uuid, None) is not None:
-                remove_durably(os.path.join(folder, f"{uuid}.json"))
-                changed = True
+            writes[spec.job.uuid] = spec
+        for uuid in deleted:  # a uuid both upserted and deleted ends up deleted
+            writes.pop(uuid, None)
+        gone = [uuid for uuid in dict.fromkeys(deleted) if uuid in current]
+        # one fsync of the folder for the whole batch, not one per file (1,000 specs in a snapshot)
+        _write_files(folder, [(f"{uuid}.json", b'{"source":' + msgspec.json.encode(spec.source) + b',"spec":'
+                               + spec.canonical + b"}") for uuid, spec in writes.items()])
+        current.update(writes)
+        for uuid in gone:
+            del current[uuid]
+            try:
+                os.unlink(os.path.join(folder, f"{uuid}.json"))
+            except FileNotFoundError:
+                pass
+        if gone:
+            fsync_dir(folder)
+        changed = bool(writes or gone)
+        if rejected is not None and rejected != self.rejections[source]:
+            path = os.path.join(folder, "rejected")
+            if rejected:
+                write_atomic(path, msgspec.json.encode(rejected))
+            else:
+                remove_durably(path)
+            self.rejections[source] = list(rejected)
         if revision is not None and revision != self.revisions[source]:
             write_atomic(os.path.join(folder, "revision"), revision.encode())
             self.revisions[source] = revision
@@ -109,6 +142,18 @@ class SpecStore:
     def forget_revision(self, source: str) -> None:
         self.revisions[source] = None
         remove_durably(os.path.join(self.root, source, "revision"))
+
+    def claim(self, source: str, location: str) -> bool:
+        """The stored revision belongs to `location` (the service endpoint, which names the
+        runtime uuid). Another location forgets it, so the next sync asks for a full set;
+        the stored specs stay and keep running until that answer comes. True when forgotten."""
+        if self.locations[source] == location:
+            return False
+        forgot = self.revisions[source] is not None
+        self.forget_revision(source)  # first: never a revision next to a location it is not from
+        write_atomic(os.path.join(self.root, source, "location"), location.encode())
+        self.locations[source] = location
+        return forgot
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -132,6 +177,34 @@ class SpecStore:
             if uuid not in clashes:
                 out[uuid] = spec
         return out, rejected
+
+
+def _write_files(folder: str, files: list[tuple[str, bytes]]) -> None:
+    """Each file atomically (temp file, fsync, rename), then one fsync of the folder for all."""
+    if not files:
+        return
+    renamed = 0
+    temps = [(os.path.join(folder, f"{name}.tmp.{os.getpid()}"), os.path.join(folder, name)) for name, _ in files]
+    try:
+        for (tmp, _), (_, data) in zip(temps, files):
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        for tmp, path in temps:
+            os.replace(tmp, path)
+            renamed += 1
+    finally:
+        for tmp, _ in temps[renamed:]:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+    fsync_dir(folder)
 
 
 def _read_text(path: str) -> str | None:

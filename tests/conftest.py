@@ -91,7 +91,7 @@ def spec(uuid: str | None = None, plugin: str = "ok", interval: str = "1h", **ex
 class RunningService:
     """The real service, started as `python -m supervisor run --config F`."""
 
-    def __init__(self, root: Path, extra_config: str = "", sink_file: bool = True):
+    def __init__(self, root: Path, extra_config: str = "", sink_file: bool = True, folder: bool = True):
         self.root = root
         self.state = root / "state"
         self.jobs = root / "jobs.d"
@@ -107,8 +107,10 @@ class RunningService:
             run_dir = "{root / 'run'}"
             plugin_dirs = ["{self.plugins}"]
             log_level = "debug"
-            [specs]
-            dir = "{self.jobs}"
+            """)
+        if folder:  # folder=False: no [specs] source (extra_config then sets [configuration])
+            text += f'[specs]\ndir = "{self.jobs}"\n'
+        text += textwrap.dedent(f"""
             [jobs]
             resync_interval = "2s"
             default_timeout = "10s"
@@ -123,10 +125,16 @@ class RunningService:
 
     # -- processes -----------------------------------------------------------------------
 
-    def start(self) -> "RunningService":
+    def start(self, env: dict[str, str | None] | None = None) -> "RunningService":
+        """Start the service; `env` adds to (or, with None values, removes from) our environment."""
         self._logf = open(self.log, "ab")
+        child_env = None
+        if env is not None:
+            child_env = {**os.environ, **{k: v for k, v in env.items() if v is not None}}
+            for k in [k for k, v in env.items() if v is None]:
+                child_env.pop(k, None)
         self.proc = subprocess.Popen([sys.executable, "-m", "supervisor", "run", "--config", str(self.config)],
-                                     stdout=self._logf, stderr=subprocess.STDOUT, cwd=REPO)
+                                     stdout=self._logf, stderr=subprocess.STDOUT, cwd=REPO, env=child_env)
         wait_for(lambda: self.proc.poll() is not None or self.try_status() is not None, 20,
                  what="the control socket")
         assert self.proc.poll() is None, f"service exited early:\n{self.log_text()}"

@@ -225,3 +225,52 @@ def test_reader_thread_keeps_going_while_the_bound_drops_segments(tmp_path):
     assert not errors, errors
     assert seen == sorted(set(seen)) and seen[-1] == total  # in order, no repeats, up to the end
     assert len(seen) + dropped >= total  # what the reader did not see was dropped and counted
+
+
+def test_small_bounds_get_small_segments_and_hold_about_their_bound(tmp_path):
+    from supervisor.outbox import default_segment_bytes
+
+    assert default_segment_bytes(64 << 10) == 8 << 10
+    assert default_segment_bytes(1 << 30) == 64 << 20 and default_segment_bytes(1000) == 4 << 10
+    with Outbox(str(tmp_path), 64 << 10, sinks=["a"]) as box:
+        for i in range(200):
+            box.append_many([payload(i, 1000)])
+            assert box.stats()["outbox_bytes"] <= (64 << 10) + (8 << 10) + 1008
+        assert box.stats()["dropped"] > 100
+
+
+def test_cursor_saves_from_several_threads_never_collide(tmp_path):
+    """Sink threads advancing and the main thread's once-a-second save share the cursor files'
+    temp names: they must take turns."""
+    errors: list[BaseException] = []
+    with Outbox(str(tmp_path), 100 << 20, segment_bytes=2000, sinks=["a", "b"]) as box:
+        box.append_many([payload(i) for i in range(1, 601)])
+        done = threading.Event()
+
+        def sink(name):
+            try:
+                while records := box.read(name, 3):
+                    box.advance(name, records[-1][0])
+                    box._saved_at = 0.0  # save on every advance: as many writers as we can get
+            except BaseException as e:
+                errors.append(e)
+
+        def saver():
+            try:
+                while not done.is_set():
+                    box.save_cursors()
+            except BaseException as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=sink, args=(n,)) for n in ("a", "b")] + [threading.Thread(target=saver)]
+        for t in threads:
+            t.start()
+        for t in threads[:2]:
+            t.join(60)
+        done.set()
+        threads[2].join(10)
+        assert not errors, errors
+        assert box.pending("a") == box.pending("b") == 0
+    with Outbox(str(tmp_path), 100 << 20, segment_bytes=2000, sinks=["a", "b"]) as box:
+        assert box.pending("a") == box.pending("b") == 0  # the last cursors were saved
+    assert not [n for n in os.listdir(tmp_path) if ".tmp." in n]

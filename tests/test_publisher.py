@@ -7,6 +7,7 @@ import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -40,8 +41,11 @@ def make_result(i: int) -> AttestationResult:
 class PublisherUnderTest:
     """One publisher process and the supervisor's end of its two pipes."""
 
-    def __init__(self, tmp_path: Path, flush_interval: float = 0.05, sinks: list[Sink] | None = None):
+    def __init__(self, tmp_path: Path, flush_interval: float = 0.05, sinks: list[Sink] | None = None,
+                 batch_max: int = 50, outbox_max: int = 64 << 20):
         self.tmp_path = tmp_path
+        self.batch_max = batch_max
+        self.outbox_max = outbox_max
         self.jsonl = tmp_path / "out" / "results.jsonl"
         self.sinks = sinks or [Sink(name="archive", kind="file", path=str(self.jsonl))]
         self.flush_interval = flush_interval
@@ -61,7 +65,7 @@ class PublisherUnderTest:
     def start(self) -> "PublisherUnderTest":
         settings = PublisherSettings(
             state_dir=str(self.tmp_path / "state"),
-            publisher=Publisher(outbox_max=Size(64 << 20), batch_max=50,
+            publisher=Publisher(outbox_max=Size(self.outbox_max), batch_max=self.batch_max,
                                 flush_interval=Duration(self.flush_interval), sink=self.sinks),
             log_level="debug")
         self.channel.send(settings)
@@ -220,22 +224,25 @@ def test_oversize_frame_exits_nonzero(publishers):
     assert "byte limit" in pub.stderr()
 
 
-def test_http_sink_placeholder_keeps_results_pending_and_reports_why(publishers, tmp_path):
-    file_sink = Sink(name="archive", kind="file", path=str(tmp_path / "out" / "results.jsonl"))
-    hub = Sink(name="hub", kind="http", url="https://hub.example.org/v1/results")
-    pub = publishers(sinks=[file_sink, hub])
-    uuids = pub.publish([make_result(i) for i in range(3)])
+def test_unreachable_hub_keeps_results_pending_and_does_not_hold_back_the_file_sink(publishers, tmp_path):
+    with socket.socket() as closed:  # bound, never listening: every connection is refused
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        file_sink = Sink(name="archive", kind="file", path=str(tmp_path / "out" / "results.jsonl"))
+        hub = Sink(name="hub", kind="http", url=f"http://127.0.0.1:{port}/v1/results", allow_http=True)
+        pub = publishers(sinks=[file_sink, hub])
+        uuids = pub.publish([make_result(i) for i in range(3)])
 
-    def hub_failed():
-        return pub.stats and pub.stats[-1].sinks[1].failures >= 1
+        def hub_failed():
+            return pub.stats and pub.stats[-1].sinks[1].failures >= 1
 
-    pub.wait_for(hub_failed, "the hub sink to fail")
-    pub.wait_for(lambda: delivered_uuids(pub) == set(uuids), "the file sink, not held back by the hub")
-    pub.wait_for(lambda: pub.stats[-1].sinks[0].pending == 0, "stats")
-    hub_stats = pub.stats[-1].sinks[1]
-    assert (hub_stats.kind, hub_stats.pending, hub_stats.delivered) == ("http", 3, 0)
-    assert hub_stats.last_error == "http sink not implemented yet"
-    assert pub.stats[-1].outbox_results == 3
+        pub.wait_for(hub_failed, "the hub sink to fail")
+        pub.wait_for(lambda: delivered_uuids(pub) == set(uuids), "the file sink, not held back by the hub")
+        pub.wait_for(lambda: pub.stats[-1].sinks[0].pending == 0, "stats")
+        hub_stats = pub.stats[-1].sinks[1]
+        assert (hub_stats.kind, hub_stats.pending, hub_stats.delivered) == ("http", 3, 0)
+        assert "cannot connect" in hub_stats.last_error and "refused" in hub_stats.last_error
+        assert pub.stats[-1].outbox_results == 3
 
 
 def _umask() -> int:
@@ -245,10 +252,10 @@ def _umask() -> int:
 
 
 def test_file_sink_appends_lines_and_follows_rotation(tmp_path):
-    from supervisor.sink import FileSink, UnavailableSink, make_sink
+    from supervisor.sink import FileSink, HttpSink, make_sink
 
     path = tmp_path / "new" / "folder" / "results.jsonl"
-    sink = make_sink(Sink(name="archive", kind="file", path=str(path)))
+    sink = make_sink(Sink(name="archive", kind="file", path=str(path)), str(tmp_path))
     assert isinstance(sink, FileSink)
     first, second = make_result(1), make_result(2)
     sink.deliver([msgspec.msgpack.encode(first)])
@@ -258,10 +265,8 @@ def test_file_sink_appends_lines_and_follows_rotation(tmp_path):
     assert [json.loads(x)["uuid"] for x in (tmp_path / "rotated.jsonl").read_text().splitlines()] == [first.uuid]
     assert [json.loads(x)["uuid"] for x in path.read_text().splitlines()] == [second.uuid, first.uuid]
 
-    hub = make_sink(Sink(name="hub", kind="http", url="https://hub.example.org/v1/results"))
-    assert isinstance(hub, UnavailableSink)
-    with pytest.raises(RuntimeError, match="http sink not implemented yet"):
-        hub.deliver([b"\x80"])
+    hub = make_sink(Sink(name="hub", kind="http", url="https://hub.example.org/v1/results"), str(tmp_path))
+    assert isinstance(hub, HttpSink) and hub.kind == "http"
 
 
 def test_file_sink_failure_raises_oserror(tmp_path):
