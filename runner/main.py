@@ -14,7 +14,6 @@ import os
 import select
 import selectors
 import signal
-import socket
 import stat
 import sys
 import time
@@ -24,6 +23,7 @@ import msgspec
 from runner import linux
 from runner.framing import MAX_FRAME, Channel, FrameError
 from runner.log import setup_logging
+from runner.selfpipe import SelfPipe
 from runner.plugin import PluginError, PluginResolver
 from runner.protocol import (OutputError, StdinTemplate, failure_reason, iso_time, new_uuid,
                              parse_assessment_output, parse_nagios_output)
@@ -181,23 +181,10 @@ class Runner:
         self.finish_run()
 
     def _install_signals(self) -> None:
-        self._wake_r, wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        wake_w.setblocking(False)
-        self._wake_w = wake_w
-        signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda signum, frame: self.signals.append(signum))
+        self.self_pipe = SelfPipe((signal.SIGTERM, signal.SIGINT), self.signals)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        self.sel.register(self._wake_r, selectors.EVENT_READ, self._drain_wakeup)
-
-    def _drain_wakeup(self) -> None:
-        try:
-            while self._wake_r.recv(4096):
-                pass
-        except BlockingIOError:
-            pass
+        self.sel.register(self.self_pipe.reader, selectors.EVENT_READ, self.self_pipe.drain)
 
     def handle_signals(self) -> None:
         while self.signals:

@@ -32,7 +32,6 @@ import os
 import random
 import selectors
 import signal
-import socket
 import sys
 import threading
 import time
@@ -40,6 +39,7 @@ import time
 import msgspec
 
 from runner import linux
+from runner.selfpipe import SelfPipe
 from runner.framing import MAX_FRAME, Channel, FrameError
 from runner.log import setup_logging
 from supervisor.config import Publisher as PublisherConfig
@@ -363,21 +363,9 @@ class PublisherProcess:
 
     def _install_signals(self) -> None:
         # The handler only records the signal; the wakeup fd makes select return at once.
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda signum, frame: self.signals.append(signum))
+        self.self_pipe = SelfPipe((signal.SIGTERM, signal.SIGINT), self.signals)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # config reloads reach us as a restart
-        self.sel.register(self._wake_r, selectors.EVENT_READ, self._drain_wakeup)
-
-    def _drain_wakeup(self) -> None:
-        try:
-            while self._wake_r.recv(4096):
-                pass
-        except BlockingIOError:
-            pass
+        self.sel.register(self.self_pipe.reader, selectors.EVENT_READ, self.self_pipe.drain)
 
     def handle_signals(self) -> None:
         while self.signals:

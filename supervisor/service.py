@@ -18,13 +18,13 @@ import re
 import resource
 import selectors
 import signal
-import socket
 import time
 
 import msgspec
 
 from runner.log import setup_logging
 from runner.protocol import iso_time
+from runner.selfpipe import SelfPipe
 from runner.wire import ResultSummary
 from supervisor import __version__
 from supervisor.cgroups import CgroupTree
@@ -128,13 +128,8 @@ class Service:
         self.store.load()
         self.manager.stop_grace = cfg.jobs.stop_grace
         # signals arrive through a self-pipe and are handled in the loop, never in the handler
-        self._wake_r, self._wake_w = socket.socketpair()
-        for s in (self._wake_r, self._wake_w):
-            s.setblocking(False)
-        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
-            signal.signal(sig, lambda signum, frame: self.signals.append(signum))
-        self.selector.register(self._wake_r, selectors.EVENT_READ, self._drain_wakeup)
+        self.self_pipe = SelfPipe((signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD), self.signals)
+        self.selector.register(self.self_pipe.reader, selectors.EVENT_READ, self.self_pipe.drain)
         self.cgroups.setup()  # before any child: they inherit our (leaf) cgroup
         self.zygote.start()
         self.selector.register(self.zygote.sock, selectors.EVENT_READ, self.read_zygote)
@@ -220,10 +215,7 @@ class Service:
 
     def wake(self) -> None:
         """Called from any thread: the loop wakes up and looks at everything."""
-        try:
-            self._wake_w.send(b"\0")
-        except (BlockingIOError, OSError):
-            pass
+        self.self_pipe.wake()
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -262,13 +254,6 @@ class Service:
         if self.config_sync is not None:
             timers.append(self.config_sync.next_timer())
         return min(timers)
-
-    def _drain_wakeup(self) -> None:
-        try:
-            while self._wake_r.recv(4096):
-                pass
-        except BlockingIOError:
-            pass
 
     def handle_signals(self, now: float) -> None:
         while self.signals:
