@@ -16,7 +16,7 @@ import time
 
 import msgspec
 
-from supervisor.files import fsync_dir, remove_durably, write_atomic
+from supervisor.files import fsync_dir, remove_durably, write_atomic, write_synced
 from supervisor.spec import Spec, SpecError, parse_spec
 
 log = logging.getLogger(__name__)
@@ -187,14 +187,7 @@ def _write_files(folder: str, files: list[tuple[str, bytes]]) -> None:
     temps = [(os.path.join(folder, f"{name}.tmp.{os.getpid()}"), os.path.join(folder, name)) for name, _ in files]
     try:
         for (tmp, _), (_, data) in zip(temps, files):
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            write_synced(tmp, data)
         for tmp, path in temps:
             os.replace(tmp, path)
             renamed += 1
