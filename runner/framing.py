@@ -133,7 +133,13 @@ class Channel:
             select.select([], [self.wfd], [], left)
         return True
 
-    def close(self) -> None:
+    def close(self, selector=None) -> None:
+        """Close both ends (first taking the read end out of `selector`, if given)."""
+        if selector is not None and self.rfd is not None:
+            try:
+                selector.unregister(self.rfd)
+            except (KeyError, ValueError):
+                pass
         for fd in {self.rfd, self.wfd} - {None}:
             try:
                 os.close(fd)

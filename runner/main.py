@@ -146,14 +146,7 @@ class Runner:
         if run is None:
             return
         limit = self.cfg.limits.output
-        while True:
-            try:
-                chunk = os.read(run.out_fd, READ_CHUNK)
-            except BlockingIOError:
-                return
-            if not chunk:
-                self.sel.unregister(run.out_fd)
-                return
+        for chunk in self._chunks(run.out_fd):
             run.stdout += chunk
             if len(run.stdout) > limit:
                 del run.stdout[limit:]
@@ -165,17 +158,22 @@ class Runner:
         run = self.run
         if run is None:
             return
-        while True:
-            try:
-                chunk = os.read(run.err_fd, READ_CHUNK)
-            except BlockingIOError:
-                return
-            if not chunk:
-                self.sel.unregister(run.err_fd)
-                return
+        for chunk in self._chunks(run.err_fd):
             run.stderr_tail += chunk
             if len(run.stderr_tail) > STDERR_TAIL:
                 del run.stderr_tail[:-STDERR_TAIL]
+
+    def _chunks(self, fd: int):
+        """What a plugin pipe holds now, chunk by chunk; at EOF the pipe is unregistered."""
+        while True:
+            try:
+                chunk = os.read(fd, READ_CHUNK)
+            except BlockingIOError:
+                return
+            if not chunk:
+                self.sel.unregister(fd)
+                return
+            yield chunk
 
     def on_plugin_exit(self) -> None:
         self.finish_run()

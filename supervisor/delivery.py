@@ -155,14 +155,9 @@ class PublisherLink:
         self._close_channel()
 
     def _close_channel(self) -> None:
-        if self.channel is None:
-            return
-        try:
-            self.selector.unregister(self.channel.rfd)
-        except (KeyError, ValueError):
-            pass
-        self.channel.close()
-        self.channel = None
+        if self.channel is not None:
+            self.channel.close(self.selector)
+            self.channel = None
 
 
 def _describe(code: int) -> str:

@@ -406,14 +406,9 @@ class JobManager:
                 self.unflushed.discard(rec)
 
     def _close_channel(self, rec: RunnerRecord) -> None:
-        if rec.channel is None:
-            return
-        try:
-            self.selector.unregister(rec.channel.rfd)
-        except (KeyError, ValueError):
-            pass
-        rec.channel.close()
-        rec.channel = None
+        if rec.channel is not None:
+            rec.channel.close(self.selector)
+            rec.channel = None
 
 
 def _key(plan: RunnerConfig) -> str:
