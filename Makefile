@@ -8,8 +8,8 @@ CONFIG ?= examples/config.toml
 venv: $(VENV)/.installed runner/ar-exec
 
 # the plugin exec helper (optional: without it runners fork to start plugins, which costs more)
-runner/ar-exec: runner/ar_exec.c
-	$(CC) -O2 -Wall -Wextra -o $@ $< || echo "warning: could not build runner/ar-exec; runners will fork"
+runner/ar-exec: runner/ar_exec.c runner/build-ar-exec.sh
+	sh runner/build-ar-exec.sh $@ || echo "warning: could not build runner/ar-exec; runners will fork"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -50,11 +50,7 @@ mkdir -p "$BUILD/wheels" "$BUILD/src" "$STAGE" "$OUT"
 cp -r pyproject.toml README.md supervisor runner "$BUILD/src/"
 find "$BUILD/src" -name __pycache__ -prune -exec rm -rf {} +
 rm -f "$BUILD/src/runner/ar-exec"
-# the hardening flags Debian builds with; stripped, no build path in the binary
-${CC:-cc} -O2 -Wall -Wextra -fstack-protector-strong -fstack-clash-protection -fcf-protection \
-    -D_FORTIFY_SOURCE=2 -fPIE -pie -Wl,-z,relro -Wl,-z,now -Wl,--build-id=sha1 -s \
-    -ffile-prefix-map="$BUILD/src"=. \
-    -o "$BUILD/src/runner/ar-exec" "$BUILD/src/runner/ar_exec.c"
+sh "$BUILD/src/runner/build-ar-exec.sh" "$BUILD/src/runner/ar-exec"
 objcopy --remove-section=.comment "$BUILD/src/runner/ar-exec"
 (cd "$BUILD/src" && "${PIP[@]}" wheel -q --no-deps --no-build-isolation -w "$BUILD/wheels" . 2>&1 | quiet)
 
