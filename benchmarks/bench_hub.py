@@ -44,9 +44,10 @@ import psutil  # noqa: E402
 from runner.framing import Channel  # noqa: E402
 from runner.wire import AttestationResult, PluginInfo  # noqa: E402
 from supervisor.config import Publisher, Sink  # noqa: E402
-from supervisor.outbox import Outbox  # noqa: E402
-from supervisor.publisher import PublisherSettings, PublisherStats, PublisherToSupervisor  # noqa: E402
-from supervisor.units import Duration, Size, enc_hook  # noqa: E402
+from supervisor.publisher.outbox import Outbox  # noqa: E402
+from runner.wire import PublisherSettings, PublisherStats, PublisherToSupervisor  # noqa: E402
+from supervisor.publisher_link import listen_for_results  # noqa: E402
+from runner.units import Duration, Size, enc_hook  # noqa: E402
 
 TARGET_RATE = 20_000
 TARGET_SPEEDUP = 20.0
@@ -135,18 +136,21 @@ class PublisherProc:
     def __init__(self, state_dir: str, url: str, batch_max: int, log_path: str):
         to_r, to_w = os.pipe()
         from_r, from_w = os.pipe()
+        os.makedirs(os.path.join(state_dir, "run"), exist_ok=True)
+        self.listener = listen_for_results(os.path.join(state_dir, "run"))  # no runner connects: the outbox is filled
+        listen_fd = self.listener.fileno()
         with open(log_path, "ab") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "supervisor.publisher", str(to_r), str(from_w), str(os.getpid())],
-                pass_fds=(to_r, from_w), stderr=err, cwd=REPO)
+                [sys.executable, "-m", "supervisor.publisher", str(to_r), str(from_w), str(os.getpid()), str(listen_fd)],
+                pass_fds=(to_r, from_w, listen_fd), stderr=err, cwd=REPO)
         os.close(to_r)
         os.close(from_w)
         self.channel = Channel(from_r, to_w, decode_type=PublisherToSupervisor, enc_hook=enc_hook)
         sink = Sink(name="hub", kind="http", url=url, allow_http=True, timeout=Duration(10), retry_max=Duration(1))
+        config = Publisher(outbox_max=Size(OUTBOX_MAX), batch_max=batch_max, flush_interval=Duration(1), sink=[sink])
         self.channel.send(PublisherSettings(
             state_dir=state_dir, log_level="warning",
-            publisher=Publisher(outbox_max=Size(OUTBOX_MAX), batch_max=batch_max, flush_interval=Duration(1),
-                                sink=[sink])))
+            publisher=msgspec.Raw(msgspec.msgpack.encode(config, enc_hook=enc_hook))))
         self.channel.flush_blocking(5)
         self.stats: PublisherStats | None = None
 
@@ -166,6 +170,7 @@ class PublisherProc:
         self.proc.kill()
         self.proc.wait()
         self.channel.close()
+        self.listener.close()
 
 
 # -- the measurements -------------------------------------------------------------------------------

@@ -15,8 +15,10 @@ import psutil
 
 from benchlib import PYTHON, SH_PLUGIN, Area, BenchError, Service, install_plugin, job_spec, rss_mb, uss_mb
 
-TARGET_MB = 4.0
+TARGET_MB = 1.5
 AIM_MB = 1.0
+SERVICE_TARGET_MB = 350.0
+SERVICE_AIM_MB = 250.0
 
 
 def _fresh_interpreter_uss(settle: float = 1.0) -> dict:
@@ -51,7 +53,7 @@ def run(area: Area, jobs: int = 20, settle: float = 3.0, log=print) -> dict:
         rss = sorted(rss_mb(p) for p in runners)
         pss = sorted(p.memory_full_info().pss / 2**20 for p in runners)
         out["runner_uss_mb"] = {"min": round(uss[0], 2), "median": round(uss[len(uss) // 2], 2),
-                                "max": round(uss[-1], 2), "count": len(uss)}
+                                "mean": round(sum(uss) / len(uss), 3), "max": round(uss[-1], 2), "count": len(uss)}
         out["runner_rss_mb_median"] = round(rss[len(rss) // 2], 2)
         out["runner_pss_mb_median"] = round(pss[len(pss) // 2], 2)
         out["zygote"] = {"rss_mb": round(rss_mb(procs["zygote"][0]), 2), "uss_mb": round(uss_mb(procs["zygote"][0]), 2)}
@@ -66,7 +68,7 @@ def run(area: Area, jobs: int = 20, settle: float = 3.0, log=print) -> dict:
         out["service_total_uss_mb"] = round(total_uss, 1)
         out["ratio_median_to_target"] = round(out["runner_uss_mb"]["median"] / TARGET_MB, 3)
         out["ratio_median_to_aim"] = round(out["runner_uss_mb"]["median"] / AIM_MB, 3)
-        out["meets_target"] = out["runner_uss_mb"]["max"] <= TARGET_MB
+        out["meets_target"] = out["runner_uss_mb"]["mean"] <= TARGET_MB
     finally:
         out["stop_exit_code"] = svc.stop()
     base = _fresh_interpreter_uss()
@@ -80,10 +82,11 @@ def format_result(r: dict) -> list[str]:
     b = r["baseline_fresh_python"]
     lines = [
         f"  {r['jobs']} idle runners (interval 1h, run_on_start false)",
-        f"    runner USS          min {u['min']:.2f} / median {u['median']:.2f} / max {u['max']:.2f} MB   "
+        f"    runner USS          min {u['min']:.2f} / median {u['median']:.2f} / mean {u['mean']:.2f} / "
+        f"max {u['max']:.2f} MB   "
         f"(RSS median {r['runner_rss_mb_median']:.2f} MB, PSS median {r['runner_pss_mb_median']:.2f} MB)",
         f"    vs target           median/{r['target_mb']:g} MB = {r['ratio_median_to_target']:.2f}x "
-        f"({'met' if r['meets_target'] else 'NOT met'} for max); vs aim {r['aim_mb']:g} MB = "
+        f"({'met' if r['meets_target'] else 'NOT met'} for the mean); vs aim {r['aim_mb']:g} MB = "
         f"{r['ratio_median_to_aim']:.2f}x",
         f"    baseline            fresh `python -c 'import time; time.sleep(60)'`: USS {b['uss_mb']:.2f} MB "
         f"(RSS {b['rss_mb']:.2f} MB) -> runner/fresh = {r['ratio_median_to_fresh_python']:.2f}x",

@@ -17,8 +17,11 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
+
 from benchlib import (PYTHON, SH_PLUGIN, Area, BenchError, ResultsTail, Service, cpu_delta, cpu_snapshot,
-                      install_plugin, iso_to_epoch, job_spec, read_results, stdin_document, system_busy, wait_for)
+                      install_plugin, iso_to_epoch, job_spec, read_results, stdin_document, system_busy, uss_mb,
+                      wait_for)
 
 HERE = Path(__file__).resolve().parent
 YARDSTICKS_MS = {"Nagios Core 4": 0.51, "Icinga 2": 1.4}
@@ -68,6 +71,7 @@ def run_variant(area: Area, kind: str, jobs: int, window: float, warmup: float,
         elapsed = mono1 - mono0
         out["snapshot_s"] = round(m_b - m_a, 3)
         delta = cpu_delta(snap0, snap1)
+        out["memory_active"] = service_memory(procs1)
 
         # every result the supervisor has counted must reach the file (bounded wait)
         status = svc.status()
@@ -79,6 +83,7 @@ def run_variant(area: Area, kind: str, jobs: int, window: float, warmup: float,
         except BenchError:
             pass
         results = read_results(svc.results_file)
+        out["lateness_ms"] = lateness_ms(results, 1.0)
         uuids = [r.uuid for r in results]
         in_window = [r for r in results if wall0 <= iso_to_epoch(r.start) < wall1]
         runs = len(in_window)
@@ -146,6 +151,44 @@ def run_variant(area: Area, kind: str, jobs: int, window: float, warmup: float,
     return out
 
 
+def lateness_ms(results, interval: float) -> dict:
+    """How late runs start against their job's grid. Each job's grid is taken from its own
+    least late run (start - k * interval, smallest over its runs k), so this is a lower bound
+    only when every run of a job is late by the same amount; it shows jitter and backlog."""
+    starts: dict[str, list[float]] = {}
+    for r in results:
+        starts.setdefault(r.job_uuid, []).append(iso_to_epoch(r.start))
+    late = []
+    for times in starts.values():
+        times.sort()
+        t0 = times[0]
+        offsets = [t - t0 - round((t - t0) / interval) * interval for t in times]
+        base = min(offsets)
+        late += [1000 * (o - base) for o in offsets]
+    late.sort()
+    if not late:
+        return {}
+    return {"p50": round(late[len(late) // 2], 2), "p99": round(late[min(len(late) - 1, int(0.99 * len(late)))], 2),
+            "max": round(late[-1], 2), "runs": len(late)}
+
+
+def service_memory(procs: dict) -> dict:
+    """USS of every process of the service (MB), and the runners' mean."""
+    by_role = {}
+    for role in ("supervisor", "zygote", "publisher", "runner"):
+        values = []
+        for p in procs.get(role, []):
+            try:
+                values.append(uss_mb(p))
+            except psutil.Error:
+                pass
+        by_role[role] = values
+    runners = by_role["runner"]
+    return {"total_uss_mb": round(sum(sum(v) for v in by_role.values()), 1),
+            "runner_mean_uss_mb": round(sum(runners) / len(runners), 3) if runners else None,
+            "by_role_uss_mb": {k: round(sum(v), 1) for k, v in by_role.items()}}
+
+
 def format_variant(r: dict) -> list[str]:
     pr, b = r["per_run_ms"], r["baseline_per_run_ms"]
     lines = [
@@ -173,6 +216,12 @@ def format_variant(r: dict) -> list[str]:
                               ("runners", "runner"), ("plugins incl. fork child", "plugin"))
         ) + (f", other {pr['other']:.3f}" if pr.get("other") else ""),
     ]
+    m, late = r["memory_active"], r["lateness_ms"]
+    lines.append(f"    memory (active)     whole service USS {m['total_uss_mb']:.1f} MB; runner mean USS "
+                 f"{m['runner_mean_uss_mb']:.2f} MB; by role {m['by_role_uss_mb']}")
+    if late:
+        lines.append(f"    schedule lateness   p50 {late['p50']:.1f} ms, p99 {late['p99']:.1f} ms, max {late['max']:.1f} ms "
+                     f"over {late['runs']} runs (aim p99 < 20 ms)")
     us = r["cpu_user_system_s"]
     lines.append("    user/sys split (s in window): " + ", ".join(
         f"{role} {v['user']:.2f}/{v['system']:.2f}" for role, v in sorted(us.items())))

@@ -21,7 +21,7 @@ import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from supervisor.outbox import HEADER, Outbox  # noqa: E402
+from supervisor.publisher.outbox import HEADER, Outbox  # noqa: E402
 
 BATCH_SIZES = (1, 10, 100, 500)
 RECORD_BYTES = 1024

@@ -19,6 +19,10 @@ Benchmarks:
              (vs the same atomic writes, and 1,000 forks); then a 1-spec delta touches 1 runner
   hub        the http sink: results/s from the outbox to a loopback hub (batched vs one POST per
              result), and the publisher's memory with 1 million results pending (bench_hub.py)
+  start      1,000 stored specs, no source answering: start to READY=1, and to every runner up
+
+The summary ends with the per-job cost table (issue 9): each figure, ours, the baseline
+measured in the same run, the ratio, and the target.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ if str(HERE) not in sys.path:
 import benchlib  # noqa: E402
 from benchlib import IS_ROOT, PYTHON, RUN_AS_USER, SH_PLUGIN, Area, compile_c_plugin  # noqa: E402
 
-ALL = ("per-run", "spawn", "memory", "latency", "outbox", "confsync", "hub")
+ALL = ("per-run", "spawn", "memory", "latency", "outbox", "confsync", "hub", "start")
 
 
 def say(*lines: str) -> None:
@@ -143,7 +147,7 @@ def bench_memory(area: Area, args, report: dict) -> None:
     import bench_memory as b
     section("2. idle runner memory (USS) vs a fresh interpreter per job")
     try:
-        r = b.run(area, jobs=20, log=say)
+        r = b.run(area, jobs=20 if args.quick else 200, log=say)
     except Exception as e:  # noqa: BLE001
         say(f"  FAILED: {e}")
         report["memory"] = {"error": str(e), "traceback": traceback.format_exc()}
@@ -219,6 +223,19 @@ def bench_hub(area: Area, args, report: dict) -> None:
     report["hub"] = r
 
 
+def bench_start(area: Area, args, report: dict) -> None:
+    import bench_start as b
+    section("7. start with 1,000 stored specs: to READY, to every runner up")
+    try:
+        r = b.run(area, jobs=200 if args.quick else 1000, log=say)
+    except Exception as e:  # noqa: BLE001
+        say(f"  FAILED: {e}")
+        report["start"] = {"error": str(e), "traceback": traceback.format_exc()}
+        return
+    report["start"] = r
+    say(*b.format_result(r))
+
+
 def format_outbox(r) -> list[str]:
     if not isinstance(r, dict):
         return [f"  {r!r}"]
@@ -263,9 +280,9 @@ def summary(report: dict) -> list[str]:
                 f"(Nagios 0.51, Icinga 1.4); lost {r['results_lost']}")
     m = report.get("memory")
     if m and "runner_uss_mb" in m:
-        lines.append(f"  {'idle runner USS':<18} median {m['runner_uss_mb']['median']:.2f} MB "
-                     f"(max {m['runner_uss_mb']['max']:.2f}) -> {m['ratio_median_to_target']:.2f}x of the 4 MB target; "
-                     f"fresh python {m['baseline_fresh_python']['uss_mb']:.2f} MB")
+        lines.append(f"  {'idle runner USS':<18} mean {m['runner_uss_mb']['mean']:.2f} MB "
+                     f"(max {m['runner_uss_mb']['max']:.2f}) -> {m['ratio_median_to_target']:.2f}x of the "
+                     f"{m['target_mb']:g} MB target; fresh python {m['baseline_fresh_python']['uss_mb']:.2f} MB")
     s = report.get("spec_latency")
     if s and "latency_s" in s:
         lines.append(f"  {'spec change':<18} median {1000 * s['latency_s']['median']:.0f} ms, "
@@ -284,13 +301,54 @@ def summary(report: dict) -> list[str]:
                      f"{h['single']['per_s']:,}/s one POST each -> {h['speedup']}x (target >= 20x); publisher USS "
                      f"{m['pending']['uss_mb']} MB with {m['pending']['pending']:,} pending "
                      f"(+{m['uss_growth_mb']} MB over 1 pending)")
+    t = report.get("start")
+    if t and "ready_s" in t:
+        lines.append(f"  {'start ' + str(t['jobs']) + ' stored':<18} READY {1000 * t['ready_s']:.0f} ms, all runners up "
+                     f"{1000 * t['all_running_s']:.0f} ms ({t['ratio_running_to_fork_baseline']:.2f}x {t['jobs']} forks)")
     o = report.get("outbox")
     if isinstance(o, dict) and isinstance(o.get("cases"), list):
         ratios = [c.get("ratio") for c in o["cases"] if isinstance(c, dict) and "ratio" in c]
         if ratios:
             lines.append(f"  {'outbox':<18} ours/baseline by batch size: " + ", ".join(
                 f"{c.get('batch')}: {c.get('ratio')}" for c in o["cases"]))
+    lines += cost_table(report)
     return lines
+
+
+def cost_table(report: dict) -> list[str]:
+    """Issue 9's figures at 200 jobs x 1 s (sh plugin): ours, the same-run baseline, the
+    ratio, and the target (must / aim)."""
+    rows = []
+    run = next((r for r in report.get("per_run", []) if r.get("name") == "per-run-sh-200" and "per_run_ms" in r), None)
+    if run:
+        base = run["baseline_per_run_ms"]["total"]
+        rows.append(("extra CPU per run over the bare loop", f"{run['overhead_beyond_spawn_wait_ms']:.3f} ms",
+                     f"{base:.3f} ms/run", f"{run['ratio_total_vs_baseline']:.2f}x",
+                     "<= 0.5 ms (aim 0.3)", run["overhead_beyond_spawn_wait_ms"] <= 0.5))
+        m = run["memory_active"]
+        rows.append(("whole service USS, 200 jobs x 1 s", f"{m['total_uss_mb']:.0f} MB", "-", "-",
+                     "<= 350 MB (aim 250)", m["total_uss_mb"] <= 350))
+        if run.get("lateness_ms"):
+            rows.append(("schedule lateness p99, 200 jobs", f"{run['lateness_ms']['p99']:.1f} ms", "-", "-",
+                         "aim < 20 ms", run["lateness_ms"]["p99"] < 20))
+    mem = report.get("memory")
+    if mem and "runner_uss_mb" in mem:
+        fresh = mem["baseline_fresh_python"]["uss_mb"]
+        rows.append((f"mean USS per idle runner ({mem['jobs']} jobs)", f"{mem['runner_uss_mb']['mean']:.2f} MB",
+                     f"{fresh:.2f} MB fresh python", f"{mem['runner_uss_mb']['mean'] / fresh:.2f}x",
+                     "<= 1.5 MB (aim 1.0)", mem["runner_uss_mb"]["mean"] <= 1.5))
+        rows.append((f"whole service USS, {mem['jobs']} idle jobs", f"{mem['service_total_uss_mb']:.0f} MB",
+                     f"{mem['jobs'] * fresh:.0f} MB as fresh pythons", f"{mem['service_total_uss_mb'] / (mem['jobs'] * fresh):.2f}x",
+                     "<= 350 MB (aim 250)", mem["service_total_uss_mb"] <= 350))
+    if not rows:
+        return []
+    head = ("figure", "ours", "baseline", "ratio", "target", "met")
+    cells = [head] + [(a, b, c, d, e, "yes" if ok else "NO") for a, b, c, d, e, ok in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(head))]
+    out = ["", "  per-job cost (issue 9):"]
+    for row in cells:
+        out.append("  " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -322,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
             say(f"cannot run: we are root and user {RUN_AS_USER!r} does not exist")
             return 1
     steps = {"per-run": bench_per_run, "spawn": bench_spawn, "memory": bench_memory, "latency": bench_latency,
-             "outbox": bench_outbox, "confsync": bench_confsync, "hub": bench_hub}
+             "outbox": bench_outbox, "confsync": bench_confsync, "hub": bench_hub, "start": bench_start}
     chosen = args.only or list(ALL)
     area = Area()
     code = 0
@@ -351,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def failed(report: dict) -> bool:
-    parts = list(report.get("per_run", [])) + [report.get(k) for k in ("memory", "spec_latency", "outbox", "confsync", "hub")]
+    parts = list(report.get("per_run", [])) + [report.get(k) for k in ("memory", "spec_latency", "outbox", "confsync", "hub",
+                                                                       "start")]
     parts += list(report.get("spawn_paths", {}).values())
     return any(isinstance(p, dict) and "error" in p for p in parts)
 

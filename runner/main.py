@@ -29,12 +29,14 @@ from runner.protocol import (OutputError, StdinTemplate, failure_reason, iso_tim
                              parse_assessment_output, parse_nagios_output)
 from runner.sandbox import (HELPER_FAILURE, PLUGIN_PATH, Sandbox, SpawnError, cgroup_counters, kill_cgroup, kill_group,
                             sweep_orphans)
-from runner.wire import (AttestationResult, PluginInfo, RunnerConfig, RunnerState, RunNow, RunResult,
+from runner.results import ResultLink
+from runner.units import format_duration
+from runner.wire import (AttestationResult, LastResult, PluginInfo, Publish, RunnerConfig, RunnerState, RunNow,
                          SupervisorToRunner)
-from supervisor.units import format_duration
 
 STDERR_TAIL = 4096
 READ_CHUNK = 65536
+ACK_WAIT = 1.5  # when stopping: how long the last results may wait for the publisher's ack
 _encoder = msgspec.msgpack.Encoder()
 
 
@@ -75,9 +77,12 @@ class Runner:
         self.stdin = StdinTemplate(cfg.job_json, cfg.config_json)
         self.nagios_args = self._nagios_args()
         self.sel = selectors.DefaultSelector()
+        self.results = ResultLink(cfg.publisher_socket, MAX_FRAME + 2 * cfg.limits.output, self.sel)
+        self.dropped_reported = 0
         self.run: Run | None = None
         self.run_now = False
         self.stopping = False
+        self.leave_by: float | None = None
         self.signals: list[int] = []
         now = time.monotonic()
         self.next_run_at = now if cfg.run_on_start else self._next_slot(now)
@@ -88,7 +93,10 @@ class Runner:
         self._install_signals()
         self.sel.register(self.channel.rfd, selectors.EVENT_READ, self.on_supervisor)
         self.report_state()
-        while not (self.stopping and self.run is None):
+        while not self.done():
+            self.results.connect(time.monotonic())  # when due: at start, and after the publisher went away
+            if self.results.dropped != self.dropped_reported:
+                self.report_state()
             timeout = min(60.0, max(0.0, self._next_deadline() - time.monotonic()))
             for key, _ in self.sel.select(timeout):
                 if self.sel.get_map().get(key.fd) is key:  # a handler may have closed it (run ended)
@@ -96,7 +104,18 @@ class Runner:
             self.handle_signals()
             self.tick(time.monotonic())
         self.channel.flush_blocking(5.0)
+        if self.results.unacked:
+            self.log.warning("leaving with %d results the publisher did not acknowledge", len(self.results.unacked))
         return 0
+
+    def done(self) -> bool:
+        """Stopping, no run, and every result acknowledged (or no more time to wait for it)."""
+        if not self.stopping or self.run is not None:
+            return False
+        now = time.monotonic()
+        if self.leave_by is None:
+            self.leave_by = now + ACK_WAIT
+        return not self.results.unacked or now >= self.leave_by
 
     def tick(self, now: float) -> None:
         run = self.run
@@ -111,12 +130,16 @@ class Runner:
             self.start_run(now)
 
     def _next_deadline(self) -> float:
+        link = self.results
+        reconnect = link.reconnect_at if link.channel is None else math.inf
         run = self.run
         if run is not None:
-            return run.kill_at if run.kill_at is not None else run.deadline
-        if self.stopping or self.run_now:
+            return min(reconnect, run.kill_at if run.kill_at is not None else run.deadline)
+        if self.stopping:
+            return min(reconnect, self.leave_by or 0.0)
+        if self.run_now:
             return 0.0
-        return self.next_run_at
+        return min(reconnect, self.next_run_at)
 
     def _next_slot(self, after: float) -> float:
         """Runs fall on a grid of the monotonic clock offset by the job's splay, so a
@@ -299,14 +322,10 @@ class Runner:
         if reason:
             self.log.info("run %s: %s: %s", run.uuid, status, reason)
         self.run = None
-        try:
-            self.channel.send(RunResult(result=msgspec.Raw(_encoder.encode(result)),
-                                        duration=time.monotonic() - run.start_mono,
-                                        next_run_at=None if self.stopping else self.next_run_at))
-            self.channel.flush_blocking(30.0)
-        except (BrokenPipeError, FrameError) as e:
-            self.log.error("cannot hand the result of run %s to the supervisor: %s", run.uuid, e)
-            self.stopping = True
+        self.results.publish(run.uuid, Publish(
+            job_uuid=cfg.job_uuid, last=LastResult(run.uuid, status, reason, result.end),
+            duration=time.monotonic() - run.start_mono, next_run_at=None if self.stopping else self.next_run_at,
+            result=msgspec.Raw(_encoder.encode(result))))
 
     @staticmethod
     def _error_logs(run: Run) -> list[dict]:
@@ -319,8 +338,10 @@ class Runner:
 
     def report_state(self) -> None:
         try:
+            self.dropped_reported = self.results.dropped
             self.channel.send(RunnerState(running=self.run is not None,
-                                          next_run_at=None if self.stopping else self.next_run_at))
+                                          next_run_at=None if self.stopping else self.next_run_at,
+                                          dropped=self.results.dropped))
         except BrokenPipeError:
             self.stopping = True
 

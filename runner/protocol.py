@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from supervisor.units import format_duration, format_size
+from runner.units import format_duration, format_size
 
 MEMORY_ERROR_MARKS = (b"MemoryError", b"Cannot allocate memory", b"bad_alloc", b"out of memory")
 # what shells and libcs print when fork() fails with EAGAIN under RLIMIT_NPROC / pids.max

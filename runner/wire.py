@@ -43,17 +43,6 @@ class AttestationResult(msgspec.Struct):
     logs: list[Any] = []
 
 
-class ResultSummary(msgspec.Struct):
-    """What the supervisor reads of a result for status, without decoding the rest."""
-
-    uuid: str
-    job_uuid: str
-    status: Status
-    reason: str | None
-    start: str
-    end: str
-
-
 # -- supervisor -> runner ---------------------------------------------------------------
 
 class RunLimits(msgspec.Struct):
@@ -93,6 +82,7 @@ class RunnerConfig(msgspec.Struct, tag=True):
     download_error_file: str | None = None  # where the supervisor keeps the last download error
     cgroup: str | None = None  # the job's cgroup v2 folder, when cgroups are in use
     cgroup_controllers: list[str] = []  # controllers enabled there: their limits replace rlimits
+    publisher_socket: str = ""  # where results go (the publisher's listening Unix socket)
     log_format: str = "text"
     log_level: str = "info"
 
@@ -107,19 +97,93 @@ SupervisorToRunner = RunnerConfig | RunNow
 # -- runner -> supervisor ---------------------------------------------------------------
 
 class RunnerState(msgspec.Struct, tag=True):
-    """Sent when the runner is ready and whenever its schedule changes."""
+    """Sent when the runner is ready, and when results it could not hand over were dropped.
+    Results themselves go straight to the publisher (below), never through the supervisor."""
 
     running: bool
     next_run_at: float | None  # CLOCK_MONOTONIC, shared by every process on the host
+    dropped: int = 0  # results this runner dropped, unacknowledged, while the publisher was away
 
 
-class RunResult(msgspec.Struct, tag=True):
-    result: msgspec.Raw  # an AttestationResult, msgpack, passed through to the publisher
+RunnerToSupervisor = RunnerState
+
+
+# -- runner <-> publisher (one Unix stream socket per runner; see runner/results.py) ------
+
+class LastResult(msgspec.Struct):
+    """What status shows of a job's last result."""
+
+    uuid: str
+    status: Status
+    reason: str | None
+    end: str
+
+
+class Publish(msgspec.Struct, tag=True):
+    """One run's result, plus what status and metrics show of it, so that nobody on the way
+    decodes the result itself. The result is stored and delivered exactly as it came."""
+
+    job_uuid: str
+    last: LastResult
     duration: float
-    next_run_at: float | None = None  # the schedule after this run: one frame per run, not two
+    next_run_at: float | None
+    result: msgspec.Raw  # an AttestationResult, msgpack
 
 
-RunnerToSupervisor = RunnerState | RunResult
+class Acked(msgspec.Struct, tag=True):
+    """These results are in the outbox, fsynced: the sender may forget them."""
+
+    uuids: list[str]
+
+
+RunnerToPublisher = Publish
+PublisherToRunner = Acked
+
+
+# -- supervisor <-> publisher (pipes) ----------------------------------------------------
+
+class PublisherSettings(msgspec.Struct, tag=True):
+    """Always the first frame from the supervisor, and the only one."""
+
+    state_dir: str
+    publisher: msgspec.Raw  # the [publisher] table (supervisor.config.Publisher), msgpack
+    log_format: str = "text"
+    log_level: str = "info"
+
+
+class SinkStats(msgspec.Struct):
+    name: str
+    kind: str
+    delivered: int
+    pending: int
+    failures: int
+    dead_lettered: int
+    last_error: str | None
+    last_success: str | None  # ISO-8601 UTC with Z
+    oldest_pending_age: float | None  # seconds since the oldest pending result ended
+
+
+class JobDigest(msgspec.Struct):
+    """One job's results committed since the last PublisherStats."""
+
+    job_uuid: str
+    runs: dict[str, int]  # by status
+    duration_sum: float
+    durations: list[float]  # each run's, for the histogram
+    last: LastResult
+    next_run_at: float | None
+
+
+class PublisherStats(msgspec.Struct, tag=True):
+    outbox_results: int
+    outbox_bytes: int
+    dropped: int
+    sinks: list[SinkStats]
+    jobs: list[JobDigest] = []
+
+
+SupervisorToPublisher = PublisherSettings
+PublisherToSupervisor = PublisherStats
 
 
 # -- supervisor <-> zygote (datagrams on a SOCK_SEQPACKET pair, fds by SCM_RIGHTS) -------

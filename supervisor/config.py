@@ -11,7 +11,7 @@ import msgspec
 
 from supervisor.files import write_atomic
 from supervisor.spec import Limits, Name, validation_reason
-from supervisor.units import Duration, Size, dec_hook
+from runner.units import Duration, Size, dec_hook
 
 DEFAULT_CONFIG = "/etc/assessment-runtime/config.toml"
 CONFIG_ENV = "ASSESSMENT_RUNTIME_CONFIG"

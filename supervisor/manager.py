@@ -20,12 +20,11 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 
 import msgspec
 
 from runner.framing import MAX_FRAME, Channel, FrameError
-from runner.wire import (Exited, PluginInfo, ResultSummary, RunLimits, RunnerConfig, RunnerState, RunNow, RunResult,
+from runner.wire import (Exited, JobDigest, PluginInfo, RunLimits, RunnerConfig, RunnerState, RunNow,
                          RunnerToSupervisor, Spawn, Spawned, ZygoteToSupervisor)
 from supervisor.cgroups import CgroupTree
 from supervisor.config import Config
@@ -39,7 +38,6 @@ BACKOFF_MIN = 1.0
 BACKOFF_MAX = 300.0
 HEALTHY_RESET = 600.0  # a runner that lived this long starts its backoff from scratch
 _encode = msgspec.msgpack.Encoder().encode
-_summary = msgspec.msgpack.Decoder(ResultSummary).decode
 
 
 def backoff_delay(failures: int) -> float:
@@ -54,7 +52,8 @@ def splay_of(uuid: str, interval: float) -> float:
     return (h / 2**64) * interval
 
 
-def runner_config(spec: Spec, config: Config, runtime_uuid: str, users: PluginUsers, cgroups: CgroupTree) -> RunnerConfig:
+def runner_config(spec: Spec, config: Config, runtime_uuid: str, users: PluginUsers, cgroups: CgroupTree,
+                  publisher_socket: str) -> RunnerConfig:
     """Everything a runner needs, resolved here once: effective limits, timeout, splay."""
     job = spec.job
     limits = config.jobs.default_limits.lowered_by(job.limits)
@@ -77,7 +76,7 @@ def runner_config(spec: Spec, config: Config, runtime_uuid: str, users: PluginUs
         run_as=users.for_plugin(job.plugin.name, job.plugin.version),
         cgroup=cgroups.job_cgroup(job.uuid, _plain(limits.memory, int), limits.processes),
         cgroup_controllers=list(cgroups.controllers),
-        log_format=config.log_format, log_level=config.log_level)
+        log_format=config.log_format, log_level=config.log_level, publisher_socket=publisher_socket)
 
 
 def _download_note(job, config: Config) -> str | None:
@@ -196,6 +195,8 @@ class RunnerRecord:
         self.running = False
         self.next_run_at: float | None = None
         self.last_result: dict | None = None
+        self.dropped = 0  # results its runners dropped unacknowledged (publisher away too long)
+        self.dropped_base = 0  # of runners before the current one
 
     @property
     def alive(self) -> bool:
@@ -203,11 +204,9 @@ class RunnerRecord:
 
 
 class JobManager:
-    def __init__(self, selector: selectors.BaseSelector, zygote: ZygoteLink,
-                 on_result: Callable[[RunnerRecord, ResultSummary, msgspec.Raw, float], None]):
+    def __init__(self, selector: selectors.BaseSelector, zygote: ZygoteLink):
         self.selector = selector
         self.zygote = zygote
-        self.on_result = on_result
         self.runners: dict[str, RunnerRecord] = {}
         self.by_pid: dict[int, RunnerRecord] = {}
         self.stop_grace = 5.0
@@ -256,8 +255,7 @@ class JobManager:
             return
         os.close(to_runner_r)
         os.close(from_runner_w)
-        max_frame = max(MAX_FRAME, 2 * rec.plan.limits.output + (1 << 20))
-        rec.channel = Channel(from_runner_r, to_runner_w, RunnerToSupervisor, max_frame=max_frame)
+        rec.channel = Channel(from_runner_r, to_runner_w, RunnerToSupervisor, max_frame=MAX_FRAME)
         self.send(rec, rec.plan)
         self.waiting.discard(rec)
         self.selector.register(from_runner_r, selectors.EVENT_READ, lambda: self.read_runner(rec))
@@ -267,6 +265,7 @@ class JobManager:
         rec.kill_at = None
         rec.running = False
         rec.next_run_at = None
+        rec.dropped_base = rec.dropped
 
     def stop_runner(self, rec: RunnerRecord, now: float, why: str) -> None:
         """SIGTERM to the runner's group now; SIGKILL after the grace (murder_runners)."""
@@ -362,25 +361,28 @@ class JobManager:
             self._close_channel(rec)
             return
         for frame in frames:
-            if isinstance(frame, RunResult):
-                try:
-                    summary = _summary(frame.result)
-                except (msgspec.DecodeError, msgspec.ValidationError) as e:
-                    log.error("runner of job %s sent a result that does not decode: %s", rec.uuid, e)
-                    continue
-                rec.runs += 1
-                rec.running = False
-                rec.next_run_at = frame.next_run_at
-                rec.last_result = {"uuid": summary.uuid, "status": summary.status, "reason": summary.reason,
-                                   "end": summary.end}
-                self.on_result(rec, summary, frame.result, frame.duration)
-            elif isinstance(frame, RunnerState):
-                if rec.state == "starting":
-                    rec.state = "running"
-                rec.running = frame.running
-                rec.next_run_at = frame.next_run_at
+            if rec.state == "starting":
+                rec.state = "running"
+            rec.running = frame.running
+            rec.next_run_at = frame.next_run_at
+            rec.dropped = rec.dropped_base + frame.dropped
         if channel.eof:
             self._close_channel(rec)
+
+    def take_digest(self, digest: JobDigest) -> None:
+        """What the publisher committed of a job's results since its last stats."""
+        rec = self.runners.get(digest.job_uuid)
+        if rec is None:
+            return
+        rec.runs += sum(digest.runs.values())
+        last = digest.last
+        rec.last_result = {"uuid": last.uuid, "status": last.status, "reason": last.reason, "end": last.end}
+        if rec.pid is not None and rec.state != "stopping":
+            rec.next_run_at = digest.next_run_at
+
+    @property
+    def dropped(self) -> int:
+        return sum(rec.dropped for rec in self.runners.values())
 
     def run_now(self, uuid: str) -> bool:
         rec = self.runners.get(uuid)

@@ -7,6 +7,7 @@ from collections import defaultdict
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from runner.wire import JobDigest
     from supervisor.service import Service
 
 PREFIX = "assessment_runtime_"
@@ -35,10 +36,12 @@ class Metrics:
         self.runner_exits = 0
         self.source_syncs: dict[tuple[str, str], int] = defaultdict(int)
 
-    def run_finished(self, job: str, status: str, duration: float) -> None:
-        self.runs[(job, status)] += 1
-        self.duration_sum[job] += duration
-        self.duration_count[job] += 1
+    def runs_committed(self, digest: "JobDigest") -> None:
+        job = digest.job_uuid
+        for status, n in digest.runs.items():
+            self.runs[(job, status)] += n
+        self.duration_sum[job] += digest.duration_sum
+        self.duration_count[job] += len(digest.durations)
 
     def runner_exited(self) -> None:
         self.runner_exits += 1
@@ -77,8 +80,6 @@ class Metrics:
                [({}, status["outbox_results"])])
         metric("outbox_bytes", "gauge", "Bytes of outbox segment files.", [({}, status["outbox_bytes"])])
         metric("outbox_dropped_total", "counter", "Results dropped at the outbox bound.", [({}, status["dropped"])])
-        metric("unacknowledged_results", "gauge", "Results handed to the publisher, not yet acknowledged.",
-               [({}, len(service.publisher.unacked))])
         sinks = status["sinks"]
         for field, kind, help_ in (("delivered", "counter", "Results delivered by sink."),
                                    ("pending", "gauge", "Results waiting for the sink."),

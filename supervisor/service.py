@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import logging
+import math
 import os
 import re
 import resource
@@ -25,18 +26,18 @@ import msgspec
 from runner.log import setup_logging
 from runner.protocol import iso_time
 from runner.selfpipe import SelfPipe
-from runner.wire import ResultSummary
+from runner.units import enc_hook
+from runner.wire import PublisherSettings, PublisherStats
 from supervisor import __version__
 from supervisor.cgroups import CgroupTree
 from supervisor.config import Config, ConfigError, check_sink_files, load_config, load_runtime_uuid
 from supervisor.control import ControlServer, json_response
-from supervisor.delivery import PublisherLink
+from supervisor.publisher_link import PublisherLink
 from supervisor.downloads import Downloader
 from supervisor.folder import FolderWatcher, read_specs_folder
-from supervisor.manager import JobManager, RunnerRecord, ZygoteLink, backoff_delay, runner_config
+from supervisor.manager import JobManager, ZygoteLink, backoff_delay, runner_config
 from supervisor.metrics import Metrics
 from supervisor.notify import Notifier
-from supervisor.publisher import PublisherSettings
 from supervisor.users import resolve_plugin_users
 from supervisor.store import Rejection, SpecStore
 from supervisor.sync import ConfigSync, SyncResult, apply_to_store, check_source
@@ -98,8 +99,8 @@ class Service:
         self.cgroups = CgroupTree()
         self.downloader: Downloader | None = None
         self.zygote = ZygoteLink()
-        self.manager = JobManager(self.selector, self.zygote, self.on_result)
-        self.publisher = PublisherLink(self.selector)
+        self.manager = JobManager(self.selector, self.zygote)
+        self.publisher = PublisherLink(self.selector, self.on_publisher_stats)
         self.folder_source: SourceState | None = None
         self.watcher: FolderWatcher | None = None
         self.http_source: SourceState | None = None
@@ -133,6 +134,7 @@ class Service:
         self.cgroups.setup()  # before any child: they inherit our (leaf) cgroup
         self.zygote.start()
         self.selector.register(self.zygote.sock, selectors.EVENT_READ, self.read_zygote)
+        self.publisher.listen(cfg.run_dir)  # before any runner: they connect to it
         self.publisher.start(self.publisher_settings(), time.monotonic())
         self.control = ControlServer(os.path.join(cfg.run_dir, "control.sock"), self.selector, self.handle_request)
         self.control.listen()
@@ -205,8 +207,9 @@ class Service:
 
     def publisher_settings(self) -> PublisherSettings:
         cfg = self.config
-        return PublisherSettings(state_dir=cfg.state_dir, publisher=cfg.publisher, log_format=cfg.log_format,
-                                 log_level=cfg.log_level)
+        return PublisherSettings(state_dir=cfg.state_dir,
+                                 publisher=msgspec.Raw(msgspec.msgpack.encode(cfg.publisher, enc_hook=enc_hook)),
+                                 log_format=cfg.log_format, log_level=cfg.log_level)
 
     def notify_folder(self) -> None:
         """Called from the watcher thread: flag it and wake the loop."""
@@ -338,7 +341,9 @@ class Service:
         self.rejected += self.store.rejections["http"]
         if self.zygote.sock is None:
             return
-        desired = {uuid: (spec, runner_config(spec, self.config, self.runtime_uuid, self.users, self.cgroups))
+        socket_path = self.publisher.socket_path
+        desired = {uuid: (spec, runner_config(spec, self.config, self.runtime_uuid, self.users, self.cgroups,
+                                              socket_path))
                    for uuid, spec in specs.items()}
         self.manager.manage_runners(desired, now)
         if self.zygote.pending or self.zygote.gone:
@@ -379,9 +384,10 @@ class Service:
             self.selector.register(self.zygote.sock, selectors.EVENT_READ, self.read_zygote)
             self.store_dirty = True
 
-    def on_result(self, rec: RunnerRecord, summary: ResultSummary, raw: msgspec.Raw, duration: float) -> None:
-        self.metrics.run_finished(rec.uuid, summary.status, duration)
-        self.publisher.publish(summary.uuid, raw)
+    def on_publisher_stats(self, stats: PublisherStats) -> None:
+        for digest in stats.jobs:
+            self.manager.take_digest(digest)
+            self.metrics.runs_committed(digest)
 
     # -- reload and stop -----------------------------------------------------------------
 
@@ -407,7 +413,7 @@ class Service:
             self.start_config_sync(previous=self.stop_config_sync())
         if self.publisher_settings() != self.publisher.settings:
             log.info("publisher settings changed: restarting the publisher")
-            self.publisher.stop(timeout=5.0)
+            self.publisher.stop(timeout=20.0)
             self.publisher.stopping = False
             self.publisher.start(self.publisher_settings(), now)
         if config.plugin_store != old.plugin_store or config.state_dir != old.state_dir:
@@ -433,7 +439,8 @@ class Service:
             self.manager.murder_runners(now)
             self.publisher.flush()
             self.publisher.check(now)
-        self.publisher.stop(timeout=10.0)
+        self.publisher.stop(timeout=20.0)
+        self.publisher.close()
         self.zygote.stop(timeout=5.0)
         log.info("stopped")
         return 0
@@ -475,7 +482,7 @@ class Service:
                 "pid": rec.pid,
                 "runs": rec.runs,
                 "restarts": rec.restarts,
-                "next_run_in": None if rec.next_run_at is None else round(max(0.0, rec.next_run_at - now), 3),
+                "next_run_in": _next_run_in(rec, now),
                 "last_result": rec.last_result,
             })
         sources = [s.as_dict() for s in (self.http_source, self.folder_source) if s is not None]
@@ -494,12 +501,23 @@ class Service:
                 "pid": self.publisher.pid,
                 "outbox_results": stats.outbox_results if stats else 0,
                 "outbox_bytes": stats.outbox_bytes if stats else 0,
-                "dropped": (stats.dropped if stats else 0) + self.publisher.dropped_unacked,
+                "dropped": (stats.dropped if stats else 0) + self.manager.dropped,
                 "sinks": [msgspec.to_builtins(s) for s in stats.sinks] if stats else
                          [{"name": n, "kind": k, "delivered": 0, "pending": 0, "failures": 0, "dead_lettered": 0,
                            "last_error": None} for n, k in sink_kinds.items()],
             },
         }
+
+
+def _next_run_in(rec, now: float) -> float | None:
+    """Seconds to the job's next run. The publisher's digest that told us may be a second
+    old: a time already past moves on along the job's grid."""
+    at = rec.next_run_at
+    if at is None:
+        return None
+    if at < now and rec.plan is not None and not rec.running:
+        at += math.ceil((now - at) / rec.plan.interval) * rec.plan.interval
+    return round(max(0.0, at - now), 3)
 
 
 def iso_now() -> str:

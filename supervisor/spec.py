@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from supervisor.units import Duration, Size, dec_hook
+from runner.units import Duration, Size, dec_hook
 
 # Names, versions and uuids end up in file names: this pattern keeps them inside our folders.
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}\Z"  # \Z: "$" would allow a final newline

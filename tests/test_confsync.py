@@ -416,7 +416,7 @@ def test_store_keeps_the_last_good_version_and_the_rejections_across_a_restart(t
 def test_client_reads_chunked_answers_and_cuts_off_a_trickling_one(servers):
     from supervisor.config import ConfigurationSource
     from supervisor.sync import ConfigClient
-    from supervisor.units import Duration
+    from runner.units import Duration
     server = servers()
     server.publish([doc_of("a"), doc_of("b")])
     client = ConfigClient(ConfigurationSource(url=server.url, allow_http=True, timeout=Duration(0.5)))

@@ -12,8 +12,16 @@ import msgspec
 import pytest
 
 from runner.framing import MAX_FRAME, Channel, FrameError
-from runner.wire import (AttestationResult, Exited, PluginInfo, RunLimits, RunnerConfig, RunnerState,
-                         RunnerToSupervisor, RunNow, RunResult, Spawned, SupervisorToRunner)
+from runner.wire import (AttestationResult, Exited, LastResult, PluginInfo, Publish, RunLimits, RunnerConfig,
+                         RunnerState, RunNow, Spawned, SupervisorToRunner)
+
+RunnerFrames = RunnerState | Publish  # what runners send: state to the supervisor, results to the publisher
+
+
+def result_frame(result: msgspec.Raw, duration: float) -> Publish:
+    """A runner's result frame around `result`."""
+    return Publish(job_uuid="job", last=LastResult("run", "satisfied", None, "2026-11-27T12:00:00.000000Z"),
+                   duration=duration, next_run_at=None, result=result)
 
 
 class Pipes:
@@ -84,16 +92,16 @@ def runner_config() -> RunnerConfig:
 def test_round_trip_runner_to_supervisor(pipes):
     r, w = pipes()
     sender = Channel(None, w)
-    receiver = Channel(r, None, RunnerToSupervisor)
+    receiver = Channel(r, None, RunnerFrames)
     raw = msgspec.msgpack.encode(result(1))
     messages = [RunnerState(running=False, next_run_at=123.25), RunnerState(running=True, next_run_at=None),
-                RunResult(result=msgspec.Raw(raw), duration=0.75)]
+                result_frame(result=msgspec.Raw(raw), duration=0.75)]
     for m in messages:
         sender.send(m)
     assert sender.pending_output == 0
     got = read_until(receiver, 3)
     assert got[:2] == messages[:2]
-    assert isinstance(got[2], RunResult) and got[2].duration == 0.75
+    assert isinstance(got[2], Publish) and got[2].duration == 0.75
     assert bytes(got[2].result) == raw
     assert msgspec.msgpack.decode(got[2].result, type=AttestationResult) == result(1)
     assert receiver.eof is False and receiver.torn_bytes == 0
@@ -117,7 +125,7 @@ def test_fds_are_made_non_blocking(pipes):
 
 def test_read_with_nothing_there_returns_nothing(pipes):
     r, w = pipes()
-    ch = Channel(r, None, RunnerToSupervisor)
+    ch = Channel(r, None, RunnerFrames)
     assert ch.read() == []
     assert ch.eof is False
 
@@ -132,8 +140,8 @@ def test_without_a_decode_type_payloads_are_bytes(pipes):
 
 def test_frame_written_one_byte_at_a_time(pipes):
     r, w = pipes()
-    receiver = Channel(r, None, RunnerToSupervisor)
-    message = RunResult(result=msgspec.Raw(msgspec.msgpack.encode(result(7))), duration=1.5)
+    receiver = Channel(r, None, RunnerFrames)
+    message = result_frame(result=msgspec.Raw(msgspec.msgpack.encode(result(7))), duration=1.5)
     data = frame(msgspec.msgpack.encode(message))
     assert len(data) > 100
     for i, byte in enumerate(data):
@@ -148,7 +156,7 @@ def test_frame_written_one_byte_at_a_time(pipes):
 
 def test_many_frames_in_one_write(pipes):
     r, w = pipes()
-    receiver = Channel(r, None, RunnerToSupervisor)
+    receiver = Channel(r, None, RunnerFrames)
     messages = [RunnerState(running=bool(i % 2), next_run_at=float(i)) for i in range(200)]
     data = b"".join(frame(msgspec.msgpack.encode(m)) for m in messages)
     assert os.write(w, data) == len(data)
@@ -157,7 +165,7 @@ def test_many_frames_in_one_write(pipes):
 
 def test_frames_split_across_writes_at_odd_places(pipes):
     r, w = pipes()
-    receiver = Channel(r, None, RunnerToSupervisor)
+    receiver = Channel(r, None, RunnerFrames)
     messages = [RunnerState(running=True, next_run_at=float(i)) for i in range(20)]
     data = b"".join(frame(msgspec.msgpack.encode(m)) for m in messages)
     got = []
@@ -170,9 +178,9 @@ def test_frames_split_across_writes_at_odd_places(pipes):
 def test_frame_larger_than_the_pipe_buffer(pipes):
     """A frame bigger than the pipe buffer arrives over many reads while a thread writes it."""
     r, w = pipes()
-    receiver = Channel(r, None, RunnerToSupervisor)
+    receiver = Channel(r, None, RunnerFrames)
     text = "x" * (3 << 20)
-    data = frame(msgspec.msgpack.encode(RunResult(result=msgspec.Raw(msgspec.msgpack.encode(text)), duration=2.0)))
+    data = frame(msgspec.msgpack.encode(result_frame(result=msgspec.Raw(msgspec.msgpack.encode(text)), duration=2.0)))
     writer = threading.Thread(target=_write_all, args=(w, data), daemon=True)
     writer.start()
     try:
@@ -194,7 +202,7 @@ def _write_all(fd: int, data: bytes) -> None:
 
 def test_oversize_length_header_raises_at_once_without_allocating(pipes):
     r, w = pipes()
-    receiver = Channel(r, None, RunnerToSupervisor)
+    receiver = Channel(r, None, RunnerFrames)
     os.write(w, (0xFFFFFFFF).to_bytes(4, "big"))  # claims 4 GiB; no payload follows
     tracemalloc.start()
     try:
@@ -242,7 +250,7 @@ def test_sending_an_oversize_frame_is_refused_before_writing(pipes):
 ])
 def test_garbage_payload_raises(pipes, payload):
     r, w = pipes()
-    receiver = Channel(r, None, RunnerToSupervisor)
+    receiver = Channel(r, None, RunnerFrames)
     os.write(w, frame(payload))
     with pytest.raises(FrameError):
         receiver.read()
@@ -259,7 +267,7 @@ def test_garbage_payload_raises(pipes, payload):
 ])
 def test_frame_of_a_type_not_in_the_union_raises(pipes, message):
     r, w = pipes()
-    receiver = Channel(r, None, RunnerToSupervisor)
+    receiver = Channel(r, None, RunnerFrames)
     os.write(w, frame(msgspec.msgpack.encode(message)))
     with pytest.raises(FrameError):
         receiver.read()
@@ -267,7 +275,7 @@ def test_frame_of_a_type_not_in_the_union_raises(pipes, message):
 
 def test_eof_in_the_middle_of_a_frame(pipes):
     r, w = pipes()
-    receiver = Channel(r, None, RunnerToSupervisor)
+    receiver = Channel(r, None, RunnerFrames)
     first = RunnerState(running=True, next_run_at=1.0)
     second = RunnerState(running=False, next_run_at=None)
     torn = frame(msgspec.msgpack.encode(RunnerState(running=True, next_run_at=2.0)))[:-3]
@@ -286,7 +294,7 @@ def test_eof_in_the_middle_of_a_frame(pipes):
 
 def test_eof_in_the_middle_of_a_header(pipes):
     r, w = pipes()
-    receiver = Channel(r, None, RunnerToSupervisor)
+    receiver = Channel(r, None, RunnerFrames)
     first = RunnerState(running=True, next_run_at=1.0)
     os.write(w, frame(msgspec.msgpack.encode(first)) + b"\x00\x00")
     pipes.close(w)
@@ -297,7 +305,7 @@ def test_eof_in_the_middle_of_a_header(pipes):
 
 def test_clean_eof_after_whole_frames(pipes):
     r, w = pipes()
-    receiver = Channel(r, None, RunnerToSupervisor)
+    receiver = Channel(r, None, RunnerFrames)
     msg = RunnerState(running=True, next_run_at=1.0)
     os.write(w, frame(msgspec.msgpack.encode(msg)))
     pipes.close(w)
@@ -318,7 +326,7 @@ def test_send_larger_than_the_pipe_does_not_block_and_flushes_once_drained(pipes
     r, w = pipes()
     sender = Channel(None, w)
     raw = os.urandom(1 << 20)
-    message = RunResult(result=msgspec.Raw(msgspec.msgpack.encode(raw)), duration=3.0)
+    message = result_frame(result=msgspec.Raw(msgspec.msgpack.encode(raw)), duration=3.0)
     assert pipe_size(w) < 1 << 20
 
     started = time.monotonic()
@@ -328,7 +336,7 @@ def test_send_larger_than_the_pipe_does_not_block_and_flushes_once_drained(pipes
     assert sender.flush() is False
     assert sender.flush_blocking(0.05) is False  # nobody reads: gives up after its timeout
 
-    receiver = Channel(r, None, RunnerToSupervisor)
+    receiver = Channel(r, None, RunnerFrames)
     got: list = []
     reader = threading.Thread(target=lambda: got.extend(read_until(receiver, 2, timeout=20)), daemon=True)
     reader.start()
@@ -348,8 +356,8 @@ def test_send_larger_than_the_pipe_does_not_block_and_flushes_once_drained(pipes
 def test_many_sends_queue_in_order_while_the_peer_is_slow(pipes):
     r, w = pipes()
     sender = Channel(None, w)
-    receiver = Channel(r, None, RunnerToSupervisor)
-    messages = [RunResult(result=msgspec.Raw(msgspec.msgpack.encode("y" * 10000)), duration=float(i))
+    receiver = Channel(r, None, RunnerFrames)
+    messages = [result_frame(result=msgspec.Raw(msgspec.msgpack.encode("y" * 10000)), duration=float(i))
                 for i in range(50)]  # ~500 KB: more than the pipe holds
     for m in messages:
         sender.send(m)

@@ -31,10 +31,10 @@ import pytest
 from conftest import make_plugin, spec, wait_for
 from supervisor.config import ConfigError, Sink, check_sink_files, load_config
 from supervisor.control import request as control_request
-from supervisor.publisher import DRAIN_TIMEOUT
-from supervisor.sink import (DEAD_LETTER_BODY, DeliveryError, dead_letter_name, make_sink,
+from supervisor.publisher.process import DRAIN_TIMEOUT
+from supervisor.publisher.sink import (DEAD_LETTER_BODY, DeliveryError, dead_letter_name, make_sink,
                              parse_retry_after)
-from supervisor.units import Duration
+from runner.units import Duration
 from test_publisher import delivered_uuids, make_result, publishers  # noqa: F401 (a fixture)
 
 TOKEN = "s3cret-Token_1.2~x/y+z="

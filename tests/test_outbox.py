@@ -9,7 +9,7 @@ import zlib
 
 import pytest
 
-from supervisor.outbox import HEADER, Outbox, OutboxError, segment_name
+from supervisor.publisher.outbox import HEADER, Outbox, OutboxError, segment_name
 
 
 def payload(i: int, size: int = 100) -> bytes:
@@ -228,7 +228,7 @@ def test_reader_thread_keeps_going_while_the_bound_drops_segments(tmp_path):
 
 
 def test_small_bounds_get_small_segments_and_hold_about_their_bound(tmp_path):
-    from supervisor.outbox import default_segment_bytes
+    from supervisor.publisher.outbox import default_segment_bytes
 
     assert default_segment_bytes(64 << 10) == 8 << 10
     assert default_segment_bytes(1 << 30) == 64 << 20 and default_segment_bytes(1000) == 4 << 10

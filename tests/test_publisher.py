@@ -1,5 +1,6 @@
-"""The real publisher process over pipes: acks after commit, delivery to a file sink,
-SIGKILL and restart, clean stop, bad frames."""
+"""The real publisher process: settings and stats over pipes to a stand-in supervisor,
+results from stand-in runners over its Unix socket; acks after commit, delivery to a file
+sink, SIGKILL and restart, clean stop, bad frames."""
 
 from __future__ import annotations
 
@@ -18,11 +19,12 @@ import msgspec
 import pytest
 
 from runner.framing import Channel
-from runner.wire import AttestationResult, PluginInfo
+from runner.wire import (Acked, AttestationResult, LastResult, PluginInfo, Publish, PublisherSettings, PublisherStats,
+                         PublisherToRunner, PublisherToSupervisor)
+from runner.units import Duration, Size, enc_hook
 from supervisor.config import Publisher, Sink
-from supervisor.publisher import (EXIT_BAD_FRAME, Acked, Publish, PublisherSettings, PublisherStats,
-                                  PublisherToSupervisor)
-from supervisor.units import Duration, Size, enc_hook
+from supervisor.publisher.process import EXIT_BAD_FRAME
+from supervisor.publisher_link import listen_for_results
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 WAIT = 15.0  # generous for a loaded CI host; each wait returns as soon as its condition holds
@@ -38,8 +40,24 @@ def make_result(i: int) -> AttestationResult:
         status="satisfied", reason=None, observations=[{"description": f"observation {i}"}])
 
 
+def publish_frame(result: AttestationResult) -> Publish:
+    """What a runner sends for one result."""
+    return Publish(job_uuid=result.job_uuid, last=LastResult(result.uuid, result.status, result.reason, result.end),
+                   duration=0.01, next_run_at=None, result=msgspec.Raw(msgspec.msgpack.encode(result)))
+
+
+def connect_runner(path: str) -> Channel:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(path)
+    fd = sock.detach()
+    return Channel(fd, fd, decode_type=PublisherToRunner)
+
+
 class PublisherUnderTest:
-    """One publisher process and the supervisor's end of its two pipes."""
+    """One publisher process, the supervisor's end of its two pipes, and one runner's
+    connection to its results socket (held here, as the supervisor holds it, across restarts)."""
+
+    listeners: dict[Path, socket.socket] = {}
 
     def __init__(self, tmp_path: Path, flush_interval: float = 0.05, sinks: list[Sink] | None = None,
                  batch_max: int = 50, outbox_max: int = 64 << 20):
@@ -50,42 +68,47 @@ class PublisherUnderTest:
         self.sinks = sinks or [Sink(name="archive", kind="file", path=str(self.jsonl))]
         self.flush_interval = flush_interval
         self.stderr_path = tmp_path / f"publisher-{time.monotonic_ns()}.err"
+        if tmp_path not in self.listeners:
+            (tmp_path / "run").mkdir(exist_ok=True)
+            self.listeners[tmp_path] = listen_for_results(str(tmp_path / "run"))
+        listener = self.listeners[tmp_path]
         to_pub_r, to_pub_w = os.pipe()
         from_pub_r, from_pub_w = os.pipe()
         with open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "supervisor.publisher", str(to_pub_r), str(from_pub_w), str(os.getpid())],
-                pass_fds=(to_pub_r, from_pub_w), stderr=err, cwd=PROJECT_ROOT)
+                [sys.executable, "-m", "supervisor.publisher", str(to_pub_r), str(from_pub_w), str(os.getpid()),
+                 str(listener.fileno())],
+                pass_fds=(to_pub_r, from_pub_w, listener.fileno()), stderr=err, cwd=PROJECT_ROOT)
         os.close(to_pub_r)
         os.close(from_pub_w)
         self.channel = Channel(from_pub_r, to_pub_w, decode_type=PublisherToSupervisor, enc_hook=enc_hook)
+        self.runner = connect_runner(listener.getsockname())
         self.acked: list[str] = []
         self.stats: list[PublisherStats] = []
 
     def start(self) -> "PublisherUnderTest":
-        settings = PublisherSettings(
-            state_dir=str(self.tmp_path / "state"),
-            publisher=Publisher(outbox_max=Size(self.outbox_max), batch_max=self.batch_max,
-                                flush_interval=Duration(self.flush_interval), sink=self.sinks),
-            log_level="debug")
-        self.channel.send(settings)
+        config = Publisher(outbox_max=Size(self.outbox_max), batch_max=self.batch_max,
+                           flush_interval=Duration(self.flush_interval), sink=self.sinks)
+        self.channel.send(PublisherSettings(state_dir=str(self.tmp_path / "state"),
+                                            publisher=msgspec.Raw(msgspec.msgpack.encode(config, enc_hook=enc_hook)),
+                                            log_level="debug"))
         return self
 
-    def publish(self, results: list[AttestationResult]) -> list[str]:
+    def publish(self, results: list[AttestationResult], runner: Channel | None = None) -> list[str]:
+        runner = runner or self.runner
         for result in results:
-            self.channel.send(Publish(uuid=result.uuid, result=msgspec.Raw(msgspec.msgpack.encode(result))))
-        assert self.channel.flush_blocking(WAIT)
+            runner.send(publish_frame(result))
+        assert runner.flush_blocking(WAIT)
         return [r.uuid for r in results]
 
     def pump(self, timeout: float) -> None:
         """Read what the publisher sent within `timeout` seconds."""
-        ready, _, _ = select.select([self.channel.rfd], [], [], timeout)
-        if ready:
-            for frame in self.channel.read():
-                if isinstance(frame, Acked):
-                    self.acked += frame.uuids
-                else:
-                    self.stats.append(frame)
+        ready, _, _ = select.select([self.channel.rfd, self.runner.rfd], [], [], timeout)
+        if self.runner.rfd in ready:
+            for frame in self.runner.read():
+                self.acked += frame.uuids
+        if self.channel.rfd in ready:
+            self.stats += self.channel.read()
 
     def wait_for(self, condition, what: str) -> None:
         deadline = time.monotonic() + WAIT
@@ -106,6 +129,7 @@ class PublisherUnderTest:
 
     def close(self) -> None:
         self.channel.close()
+        self.runner.close()
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
@@ -123,6 +147,7 @@ def publishers(tmp_path):
     yield start
     for pub in started:
         pub.close()
+    PublisherUnderTest.listeners.pop(tmp_path).close()
 
 
 def delivered_lines(pub: PublisherUnderTest) -> list[dict]:
@@ -203,13 +228,33 @@ def test_sigterm_stops_cleanly(publishers):
     assert "signal SIGTERM" in pub.stderr()
 
 
+def test_garbage_from_a_runner_closes_only_its_connection(publishers):
+    pub = publishers()
+    other = connect_runner(PublisherUnderTest.listeners[pub.tmp_path].getsockname())
+    try:
+        other.send_payload(b"\xc1 not msgpack")
+        assert other.flush_blocking(WAIT)
+        deadline = time.monotonic() + WAIT
+        while not other.eof:  # the publisher hangs up on that runner ...
+            assert time.monotonic() < deadline, pub.stderr()
+            select.select([other.rfd], [], [], 0.1)
+            other.read()
+    finally:
+        other.close()
+    assert "sent a bad frame" in pub.stderr() and "closing its connection" in pub.stderr()
+    uuids = pub.publish([make_result(i) for i in range(5)])  # ... and goes on serving the others
+    pub.wait_for(lambda: len(pub.acked) == 5, "acks on the good connection")
+    pub.wait_for(lambda: delivered_uuids(pub) == set(uuids), "delivery")
+    assert pub.proc.poll() is None
+
+
 def test_garbage_frame_exits_nonzero_and_committed_results_survive(publishers):
     pub = publishers(flush_interval=3600)
     uuids = pub.publish([make_result(i) for i in range(5)])
     pub.wait_for(lambda: len(pub.acked) == 5, "acks")
     pub.channel.send_payload(b"\xc1 not msgpack")
     assert pub.wait_exit() == EXIT_BAD_FRAME
-    assert "undecodable frame from the supervisor" in pub.stderr()
+    assert "bad frame from the supervisor: undecodable frame" in pub.stderr()
     assert delivered_uuids(pub) <= set(uuids)
 
     again = publishers()
@@ -252,7 +297,7 @@ def _umask() -> int:
 
 
 def test_file_sink_appends_lines_and_follows_rotation(tmp_path):
-    from supervisor.sink import FileSink, HttpSink, make_sink
+    from supervisor.publisher.sink import FileSink, HttpSink, make_sink
 
     path = tmp_path / "new" / "folder" / "results.jsonl"
     sink = make_sink(Sink(name="archive", kind="file", path=str(path)), str(tmp_path))
@@ -270,7 +315,7 @@ def test_file_sink_appends_lines_and_follows_rotation(tmp_path):
 
 
 def test_file_sink_failure_raises_oserror(tmp_path):
-    from supervisor.sink import FileSink
+    from supervisor.publisher.sink import FileSink
 
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")
@@ -280,7 +325,7 @@ def test_file_sink_failure_raises_oserror(tmp_path):
 
 
 def test_file_sink_cuts_a_torn_last_line_left_by_a_crash(tmp_path):
-    from supervisor.sink import FileSink
+    from supervisor.publisher.sink import FileSink
 
     path = tmp_path / "results.jsonl"
     path.write_bytes(b'{"uuid": "whole"}\n{"uuid": "to')

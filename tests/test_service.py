@@ -11,8 +11,8 @@ import time
 import psutil
 import pytest
 
-from conftest import (BAD_STATUS_PLUGIN, FAILING_PLUGIN, GARBAGE_PLUGIN, HANGING_PLUGIN, NOT_OK_PLUGIN,
-                      OK_PLUGIN, make_plugin, spec, wait_for)
+from conftest import (wait_for, BAD_STATUS_PLUGIN, FAILING_PLUGIN, GARBAGE_PLUGIN, HANGING_PLUGIN, NOT_OK_PLUGIN,
+                      OK_PLUGIN, make_plugin, spec)
 
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 RESULT_KEYS = ["uuid", "runtime_uuid", "job_uuid", "job_revision", "plugin", "title", "labels",
@@ -290,10 +290,13 @@ def test_metrics_endpoint_speaks_prometheus(svc):
     svc.start()
     svc.wait_result(doc["uuid"])
     from supervisor.control import request
-    code, body = request(str(svc.root / "run" / "control.sock"), "GET", "/metrics")
-    text = body.decode()
-    assert code == 200
-    assert f'assessment_runtime_runs_total{{job="{doc["uuid"]}",status="satisfied"}} 1' in text
+    counted = f'assessment_runtime_runs_total{{job="{doc["uuid"]}",status="satisfied"}} 1'
+
+    def scrape() -> str | None:  # the publisher tells the supervisor of committed runs within ~0.1 s
+        code, body = request(str(svc.root / "run" / "control.sock"), "GET", "/metrics")
+        assert code == 200
+        return body.decode() if counted in body.decode() else None
+    text = wait_for(scrape, 5, what="the run to be counted in the metrics")
     for name in ("run_duration_seconds_sum", "runner_restarts_total", "outbox_results", "sink_delivered_total"):
         assert f"assessment_runtime_{name}" in text
     assert all(line.startswith(("#", "assessment_runtime_")) for line in text.splitlines() if line)

@@ -84,6 +84,7 @@ class FileSink:
     """
 
     kind = "file"
+    paced = True  # written on the publisher's flush timer: one write+fsync per flush_interval
 
     def __init__(self, config_sink: SinkConfig):
         self.name = config_sink.name
