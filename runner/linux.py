@@ -45,6 +45,21 @@ def set_process_name(name: str) -> None:
     _prctl(PR_SET_NAME, ctypes.cast(buf, ctypes.c_void_p).value or 0, 0, 0, 0)
 
 
+def has_children(pid: int) -> bool:
+    """Whether a single-threaded `pid` has any child, zombies included (one open and read).
+    True when /proc cannot tell, so that the caller looks the long way."""
+    try:
+        fd = os.open(f"/proc/{pid}/task/{pid}/children", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return True
+    try:
+        return bool(os.read(fd, 64))
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
 def children_of(pid: int) -> list[int]:
     """Direct children of `pid`, from /proc (needs CONFIG_PROC_CHILDREN, else [])."""
     out: list[int] = []

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import os
 import select
-import selectors
 import signal
 import stat
 import sys
@@ -23,6 +22,7 @@ import msgspec
 from runner import linux
 from runner.framing import MAX_FRAME, Channel, FrameError
 from runner.log import setup_logging
+from runner.poller import READ, Poller
 from runner.selfpipe import SelfPipe
 from runner.plugin import PluginError, PluginResolver
 from runner.protocol import (OutputError, StdinTemplate, failure_reason, iso_time, new_uuid,
@@ -36,6 +36,7 @@ from runner.wire import (AttestationResult, LastResult, PluginInfo, Publish, Run
 
 STDERR_TAIL = 4096
 READ_CHUNK = 65536
+SCRATCH_TICK_NS = 20_000_000  # more than a coarse clock tick (HZ 100: 10 ms)
 ACK_WAIT = 1.5  # when stopping: how long the last results may wait for the publisher's ack
 _encoder = msgspec.msgpack.Encoder()
 
@@ -76,13 +77,14 @@ class Runner:
         }, cgroup=cfg.cgroup, cgroup_controllers=tuple(cfg.cgroup_controllers))
         self.stdin = StdinTemplate(cfg.job_json, cfg.config_json)
         self.nagios_args = self._nagios_args()
-        self.sel = selectors.DefaultSelector()
-        self.results = ResultLink(cfg.publisher_socket, MAX_FRAME + 2 * cfg.limits.output, self.sel)
+        self.poller = Poller()
+        self.results = ResultLink(cfg.publisher_socket, MAX_FRAME + 2 * cfg.limits.output, self.poller)
         self.dropped_reported = 0
         self.run: Run | None = None
         self.run_now = False
         self.stopping = False
         self.leave_by: float | None = None
+        self._clean_scratch: tuple[int, int] | None = None  # (inode, ctime) of the scratch folder, emptied
         self.signals: list[int] = []
         now = time.monotonic()
         self.next_run_at = now if cfg.run_on_start else self._next_slot(now)
@@ -91,17 +93,16 @@ class Runner:
 
     def serve(self) -> int:
         self._install_signals()
-        self.sel.register(self.channel.rfd, selectors.EVENT_READ, self.on_supervisor)
+        self.poller.register(self.channel.rfd, READ, self.on_supervisor)
         self.report_state()
         while not self.done():
-            self.results.connect(time.monotonic())  # when due: at start, and after the publisher went away
+            if self.results.channel is None:
+                self.results.connect(time.monotonic())  # when due: at start, and after the publisher went away
             if self.results.dropped != self.dropped_reported:
                 self.report_state()
-            timeout = min(60.0, max(0.0, self._next_deadline() - time.monotonic()))
-            for key, _ in self.sel.select(timeout):
-                if self.sel.get_map().get(key.fd) is key:  # a handler may have closed it (run ended)
-                    key.data()
-            self.handle_signals()
+            self.poller.poll(min(60.0, max(0.0, self._next_deadline() - time.monotonic())))
+            if self.signals:
+                self.handle_signals()
             self.tick(time.monotonic())
         self.channel.flush_blocking(5.0)
         if self.results.unacked:
@@ -115,6 +116,7 @@ class Runner:
         now = time.monotonic()
         if self.leave_by is None:
             self.leave_by = now + ACK_WAIT
+            self.results.await_acks()
         return not self.results.unacked or now >= self.leave_by
 
     def tick(self, now: float) -> None:
@@ -161,42 +163,41 @@ class Runner:
             if isinstance(frame, RunNow):
                 self.run_now = True
         if self.channel.eof:  # the supervisor is gone: finish up and leave
-            self.sel.unregister(self.channel.rfd)
+            self.poller.unregister(self.channel.rfd)
             self.stop("supervisor closed the pipe")
 
     def on_stdout(self) -> None:
         run = self.run
         if run is None:
             return
-        limit = self.cfg.limits.output
-        for chunk in self._chunks(run.out_fd):
+        chunk = self._chunk(run.out_fd)
+        if chunk:
             run.stdout += chunk
+            limit = self.cfg.limits.output
             if len(run.stdout) > limit:
                 del run.stdout[limit:]
-                self.sel.unregister(run.out_fd)
+                self.poller.unregister(run.out_fd)
                 self.end_run(f"output limit exceeded: more than {limit} bytes", signal.SIGKILL)
-                return
 
     def on_stderr(self) -> None:
         run = self.run
         if run is None:
             return
-        for chunk in self._chunks(run.err_fd):
+        chunk = self._chunk(run.err_fd)
+        if chunk:
             run.stderr_tail += chunk
             if len(run.stderr_tail) > STDERR_TAIL:
                 del run.stderr_tail[:-STDERR_TAIL]
 
-    def _chunks(self, fd: int):
-        """What a plugin pipe holds now, chunk by chunk; at EOF the pipe is unregistered."""
-        while True:
-            try:
-                chunk = os.read(fd, READ_CHUNK)
-            except BlockingIOError:
-                return
-            if not chunk:
-                self.sel.unregister(fd)
-                return
-            yield chunk
+    def _chunk(self, fd: int) -> bytes:
+        """One read of a plugin pipe that epoll found readable (our read ends block: one
+        read never does then, and this saves switching them to non-blocking each run). At
+        EOF the pipe leaves the poller (an open pipe at EOF would wake it forever); it is
+        closed when the run ends."""
+        chunk = os.read(fd, READ_CHUNK)
+        if not chunk:
+            self.poller.unregister(fd)
+        return chunk
 
     def on_plugin_exit(self) -> None:
         self.finish_run()
@@ -205,7 +206,7 @@ class Runner:
         self.self_pipe = SelfPipe((signal.SIGTERM, signal.SIGINT), self.signals)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        self.sel.register(self.self_pipe.reader, selectors.EVENT_READ, self.self_pipe.drain)
+        self.poller.register(self.self_pipe.reader, READ, self.self_pipe.drain)
 
     def handle_signals(self) -> None:
         while self.signals:
@@ -238,20 +239,24 @@ class Runner:
         run.path = plugin.path
         argv = [plugin.path] + (self.nagios_args if run.protocol == "nagios" else [])
         try:
-            scratch = self.prepare_scratch()
+            scratch, empty = self.prepare_scratch()
             stdin_fd = os.memfd_create("stdin", os.MFD_CLOEXEC)
             try:
                 os.write(stdin_fd, self.stdin.render(run.uuid))
                 os.lseek(stdin_fd, 0, os.SEEK_SET)
+                before = time.time_ns()
                 run.pid, run.pidfd, run.out_fd, run.err_fd = self.sandbox.spawn(
                     argv, scratch, stdin_fd, {"ASSESSMENT_RUN_UUID": run.uuid})
             finally:
                 os.close(stdin_fd)
+            # anything this plugin changes in scratch gets a later ctime than `empty` has
+            self._clean_scratch = empty if before - empty[1] >= SCRATCH_TICK_NS else None
         except (SpawnError, OSError) as e:
             return self.finish_without_spawn(run, f"cannot start plugin {plugin.path}: {e}")
-        self.sel.register(run.out_fd, selectors.EVENT_READ, self.on_stdout)
-        self.sel.register(run.err_fd, selectors.EVENT_READ, self.on_stderr)
-        self.sel.register(run.pidfd, selectors.EVENT_READ, self.on_plugin_exit)
+        poller = self.poller
+        poller.register(run.out_fd, READ, self.on_stdout)
+        poller.register(run.err_fd, READ, self.on_stderr)
+        poller.register(run.pidfd, READ, self.on_plugin_exit)
 
     def end_run(self, reason: str, sig: int = signal.SIGTERM) -> None:
         """End the run ourselves: signal its process group, SIGKILL after the grace."""
@@ -266,12 +271,15 @@ class Runner:
     def finish_run(self) -> None:
         run = self.run
         _, status, rusage = os.wait4(run.pid, 0)
-        for fd, reader in ((run.out_fd, self.on_stdout), (run.err_fd, self.on_stderr)):
-            if fd in self.sel.get_map():
-                reader()  # what the plugin wrote just before it exited
+        handlers = self.poller.handlers
+        if run.out_fd in handlers or run.err_fd in handlers:
+            # what the plugin wrote just before it exited (a pipe still open elsewhere, by a
+            # child it left behind, is not waited for: that child is killed below)
+            for fd, reader in ((run.out_fd, self.on_stdout), (run.err_fd, self.on_stderr)):
+                while fd in handlers and select.select([fd], [], [], 0)[0]:
+                    reader()
         for fd in (run.out_fd, run.err_fd, run.pidfd):
-            if fd in self.sel.get_map():
-                self.sel.unregister(fd)
+            self.poller.forget(fd)
             os.close(fd)
         # nothing the run started may outlive it: its group, then anything re-parented to us
         kill_group(run.pid, signal.SIGKILL)
@@ -345,14 +353,23 @@ class Runner:
         except BrokenPipeError:
             self.stopping = True
 
-    def prepare_scratch(self) -> str:
-        """The job's private folder, mode 0700, owned by the run user, empty at each run."""
+    def prepare_scratch(self) -> tuple[str, tuple[int, int]]:
+        """The job's private folder, mode 0700, owned by the run user, empty at each run;
+        and its (inode, ctime) as it is now, empty.
+
+        A folder whose inode and ctime are those it had when we last left it empty is still
+        empty and ours: creating or removing an entry, chmod and chown all change the ctime,
+        and the plugin cannot set it back. start_run trusts that only once the plugin that
+        ran after we looked started well after that ctime (timestamps are coarse: a change
+        in the same clock tick would not show)."""
         path = self.cfg.scratch_dir
         try:
             st = os.lstat(path)
         except FileNotFoundError:
             os.makedirs(path, mode=0o700, exist_ok=True)
             st = os.lstat(path)
+        if (st.st_ino, st.st_ctime_ns) == self._clean_scratch:
+            return path, self._clean_scratch
         if not stat.S_ISDIR(st.st_mode):
             os.unlink(path)
             os.mkdir(path, 0o700)
@@ -361,11 +378,16 @@ class Runner:
             leftovers = [e.name for e in entries]
         for name in leftovers:
             _remove_tree(os.path.join(path, name))
+        changed = False
         if self.cfg.run_as is not None and (st.st_uid, st.st_gid) != tuple(self.cfg.run_as):
             os.chown(path, *self.cfg.run_as)
+            changed = True
         if stat.S_IMODE(st.st_mode) != 0o700:
             os.chmod(path, 0o700)
-        return path
+            changed = True
+        if leftovers or changed:
+            st = os.lstat(path)
+        return path, (st.st_ino, st.st_ctime_ns)
 
     def _explain(self, reason: str) -> str:
         """A url plugin that is not there yet: say why, with the last download error."""

@@ -90,6 +90,12 @@ def _file_key(st: os.stat_result) -> tuple[int, int, int, int, int]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
+def _keys(sts: tuple[os.stat_result, ...]) -> tuple:
+    """What the trust checks depend on, for each level they looked at."""
+    return tuple((st.st_dev, st.st_ino, st.st_mode, st.st_uid, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+                 for st in sts)
+
+
 def _check_trust(path: str, st: os.stat_result, allowed_uids: frozenset[int]) -> None:
     if st.st_uid not in allowed_uids:
         raise PluginError(f"untrusted plugin: {path} is owned by uid {st.st_uid}")
@@ -114,6 +120,9 @@ class PluginResolver:
         self.manifest_reads = 0  # how many times a plugin.toml was read and parsed
         self._manifest_cache: tuple[str, tuple, Manifest | PluginError] | None = None
         self._digest_cache: tuple[str, tuple, str] | None = None
+        self._names_ok = valid_name(name) and valid_name(version)
+        # the last resolution that passed, and the stat of every file and folder it checked
+        self._last: tuple[tuple, ResolvedPlugin, str] | None = None
 
     @property
     def label(self) -> str:
@@ -125,10 +134,21 @@ class PluginResolver:
         """(plugin, sha256 hex of the file that will run), or PluginError with the reason."""
         if self.pin_sha256 is None and self.require_sha256:
             raise PluginError("sha256 required: the spec has no plugin.sha256 and jobs.require_sha256 is true")
-        if not valid_name(self.name) or not valid_name(self.version):
+        if not self._names_ok:
             raise PluginError(f"invalid plugin name or version: {self.name!r}@{self.version!r}")
         plugin_dir, folder, manifest_st = self._find()
-        self._check_folders(plugin_dir, folder)
+        last = self._last
+        if last is not None and last[1].folder == folder:
+            # Every level is looked at again, every run; when nothing changed (inode, mode,
+            # owner, size, times, ctime included) the checks that passed last time still pass.
+            try:
+                sts = (manifest_st, os.lstat(folder), os.lstat(os.path.dirname(folder)), os.stat(plugin_dir),
+                       os.lstat(last[1].path))
+            except OSError:
+                sts = None
+            if sts is not None and _keys(sts) == last[0]:
+                return last[1], last[2]
+        folder_sts = self._check_folders(plugin_dir, folder)
         manifest_path = os.path.join(folder, MANIFEST)
         manifest = self._manifest(manifest_path, manifest_st)
         path = os.path.join(folder, manifest.entrypoint)
@@ -152,6 +172,7 @@ class PluginResolver:
             path=path, folder=folder, plugin_dir=plugin_dir, manifest=manifest,
             dev=st.st_dev, ino=st.st_ino, size=st.st_size, mtime_ns=st.st_mtime_ns,
             ctime_ns=st.st_ctime_ns, uid=st.st_uid, mode=st.st_mode)
+        self._last = (_keys((manifest_st, *folder_sts, st)), resolved, digest)  # exactly what was checked
         return resolved, digest
 
     def _find(self) -> tuple[str, str, os.stat_result]:
@@ -167,9 +188,11 @@ class PluginResolver:
             return plugin_dir, folder, st
         raise PluginError(f"plugin not found: {self.label} in {', '.join(self.plugin_dirs) or '(no plugin_dirs)'}")
 
-    def _check_folders(self, plugin_dir: str, folder: str) -> None:
-        """{version} and {name} (real folders, not symlinks), then the plugin_dir itself."""
+    def _check_folders(self, plugin_dir: str, folder: str) -> tuple[os.stat_result, ...]:
+        """{version} and {name} (real folders, not symlinks), then the plugin_dir itself;
+        returns what was checked of each."""
         name_dir = os.path.dirname(folder)
+        checked = []
         for path in (folder, name_dir):
             try:
                 st = os.lstat(path)
@@ -178,11 +201,13 @@ class PluginResolver:
             if stat.S_ISLNK(st.st_mode):
                 raise PluginError(f"untrusted plugin: {path} is a symlink")
             _check_trust(path, st, self.allowed_uids)
+            checked.append(st)
         try:
             st = os.stat(plugin_dir)
         except OSError as e:
             raise PluginError(f"cannot stat {plugin_dir}: {e.strerror}") from None
         _check_trust(plugin_dir, st, self.allowed_uids)
+        return (*checked, st)
 
     def _manifest(self, path: str, st: os.stat_result) -> Manifest:
         if stat.S_ISLNK(st.st_mode):

@@ -6,11 +6,15 @@ connection breaks (the publisher was restarted), we connect again after a short 
 send everything still unacknowledged, in order; the publisher's listening socket is held by
 the supervisor across publisher restarts, so a connection made while none runs simply
 waits in its backlog. A runner that dies loses only results nobody acknowledged.
+
+Acks are read lazily: before each new result is sent (one non-blocking read, no wake-up of
+their own), and only while the runner is stopping does the socket wake the loop for them.
+A publisher that went away is therefore noticed at the next result, which is when it
+matters: everything unacknowledged is sent again then.
 """
 
 from __future__ import annotations
 
-import selectors
 import socket
 import time
 from collections import OrderedDict
@@ -18,6 +22,7 @@ from collections import OrderedDict
 import msgspec
 
 from runner.framing import Channel, FrameError
+from runner.poller import READ, WRITE, Poller
 from runner.wire import Acked, PublisherToRunner, Publish
 
 MAX_UNACKED = 1000  # results held while the publisher is away; past this the oldest go
@@ -28,18 +33,19 @@ _encode = msgspec.msgpack.Encoder().encode
 
 
 class ResultLink:
-    """Owns its socket's place in the runner's selector: read while connected, write too
-    while frames are queued that the socket has not taken yet."""
+    """Owns its socket's place in the runner's poller: registered only while frames wait for
+    room in the socket, or while the runner waits for its last acks."""
 
-    def __init__(self, path: str, max_frame: int, selector: selectors.BaseSelector):
+    def __init__(self, path: str, max_frame: int, poller: Poller):
         self.path = path
         self.max_frame = max_frame
-        self.selector = selector
+        self.poller = poller
         self.channel: Channel | None = None
-        self._events = 0
         self.unacked: OrderedDict[str, bytes] = OrderedDict()  # result uuid -> encoded Publish
         self.reconnect_at = 0.0
         self._delay = RECONNECT_MIN
+        self._events = 0  # what the poller watches for us (0: not registered)
+        self._awaiting = False  # stopping: wake up for acks
         self.dropped = 0
         self.error: str | None = None  # why the last connection attempt or connection failed
 
@@ -56,8 +62,6 @@ class ResultLink:
             return False
         fd = sock.detach()
         self.channel = Channel(fd, fd, PublisherToRunner, max_frame=self.max_frame)
-        self._events = selectors.EVENT_READ
-        self.selector.register(fd, self._events, self.on_event)
         self._delay = RECONNECT_MIN
         self.error = None
         try:
@@ -71,28 +75,33 @@ class ResultLink:
 
     def publish(self, uuid: str, message: Publish) -> None:
         """Queue a result; it stays until acknowledged."""
+        if self.channel is not None:
+            self.read_acks()  # what came since the last result; notices a publisher that went away
         if len(self.unacked) >= MAX_UNACKED:
             self.unacked.popitem(last=False)
             self.dropped += 1
         payload = _encode(message)
         self.unacked[uuid] = payload
+        if self.channel is None:
+            self.connect(time.monotonic())  # sends it, with everything else unacknowledged
+            return
+        try:
+            self.channel.send_payload(payload)
+        except (OSError, FrameError) as e:
+            self.disconnect(time.monotonic(), f"cannot send to the publisher: {e}")
+            return
+        self._watch()
+
+    def await_acks(self) -> None:
+        """From now on (we are stopping) acks wake the loop."""
+        self._awaiting = True
         if self.channel is not None:
-            try:
-                self.channel.send_payload(payload)
-            except (OSError, FrameError) as e:
-                self.disconnect(time.monotonic(), f"cannot send to the publisher: {e}")
-                return
             self._watch()
 
-    def on_event(self) -> None:
-        """The socket is readable (acks, or EOF) or writable (room for what is queued)."""
+    def read_acks(self) -> None:
         now = time.monotonic()
         try:
-            self.channel.flush()
             frames = self.channel.read()
-        except OSError as e:
-            self.disconnect(now, f"the connection to the publisher broke: {e.strerror or e}")
-            return
         except FrameError as e:
             self.disconnect(now, f"bad frame from the publisher: {e}")
             return
@@ -102,19 +111,33 @@ class ResultLink:
                     self.unacked.pop(uuid, None)
         if self.channel.eof:
             self.disconnect(now, "the publisher closed the connection")
-        else:
+
+    def on_event(self) -> None:
+        """Room in the socket for what is queued, or (stopping) acks or EOF."""
+        try:
+            self.channel.flush()
+        except OSError as e:
+            self.disconnect(time.monotonic(), f"the connection to the publisher broke: {e.strerror or e}")
+            return
+        self.read_acks()
+        if self.channel is not None:
             self._watch()
 
     def _watch(self) -> None:
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.channel.pending_output else 0)
-        if events != self._events:
-            self.selector.modify(self.channel.rfd, events, self.on_event)
-            self._events = events
+        events = (WRITE if self.channel.pending_output else 0) | (READ if self._awaiting else 0)
+        if events == self._events:
+            return
+        fd = self.channel.rfd
+        if not events:
+            self.poller.unregister(fd)
+        elif not self._events:
+            self.poller.register(fd, events, self.on_event)
+        else:
+            self.poller.modify(fd, events)
+        self._events = events
 
     def disconnect(self, now: float, why: str) -> None:
-        if self.channel is not None:
-            self.channel.close(self.selector)
-            self.channel = None
+        self.close()
         self._failed(now, why)
 
     def _failed(self, now: float, why: str) -> None:
@@ -124,5 +147,7 @@ class ResultLink:
 
     def close(self) -> None:
         if self.channel is not None:
-            self.channel.close(self.selector)
+            self.poller.forget(self.channel.rfd)
+            self._events = 0
+            self.channel.close()
             self.channel = None

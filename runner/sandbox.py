@@ -63,7 +63,8 @@ class Sandbox:
             self.rlimits.append((resource.RLIMIT_NPROC, (limits.processes, limits.processes)))
 
     def spawn(self, argv: list[str], cwd: str, stdin_fd: int, extra_env: dict[str, str]) -> tuple[int, int, int, int]:
-        """Fork and exec the plugin. Returns (pid, pidfd, stdout_fd, stderr_fd), read ends non-blocking."""
+        """Start the plugin. Returns (pid, pidfd, stdout_fd, stderr_fd); the read ends block
+        (the runner reads them only when epoll finds them readable)."""
         env = dict(self.env_base)
         env.update(extra_env)
         env["HOME"] = cwd
@@ -85,10 +86,7 @@ class Sandbox:
             os.close(out_r)
             os.close(err_r)
             raise SpawnError(failure.decode(errors="replace"))
-        pidfd = os.pidfd_open(pid)
-        os.set_blocking(out_r, False)
-        os.set_blocking(err_r, False)
-        return pid, pidfd, out_r, err_r
+        return pid, os.pidfd_open(pid), out_r, err_r
 
     def _spawn_helper(self, argv: list[str], cwd: str, stdin_fd: int, env: dict[str, str]) -> tuple[int, int, int, int]:
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
@@ -106,10 +104,7 @@ class Sandbox:
         finally:
             os.close(out_w)
             os.close(err_w)
-        pidfd = os.pidfd_open(pid)
-        os.set_blocking(out_r, False)
-        os.set_blocking(err_r, False)
-        return pid, pidfd, out_r, err_r
+        return pid, os.pidfd_open(pid), out_r, err_r
 
     def _exec_child(self, argv, cwd, env, stdin_fd, out_w, err_w, errpipe_w) -> None:
         step = "setsid"
@@ -164,6 +159,8 @@ def kill_group(pgid: int, sig: int) -> None:
 def sweep_orphans() -> int:
     """Kill and reap everything left behind (we are the child subreaper). Returns how many."""
     me = os.getpid()
+    if not linux.has_children(me):  # the usual case: one read of /proc, nothing to do
+        return 0
     killed = 0
     for _ in range(50):  # killing one may re-parent its own children to us; go round again
         children = linux.children_of(me)

@@ -10,9 +10,10 @@ restarts: each runner connects to it and sends its results (Publish) directly, s
 supervisor is not on the result path.
 
 The main thread's loop, top to bottom: wait for a runner's socket, a new connection, the
-supervisor's pipe, a signal, or the next timer; read every frame the sockets hold; once the
-coalescing window of the oldest result read has passed (or batch_max results wait), append
-them all to the outbox with one fsync (group commit across runners), and only then
+supervisor's pipe, a signal, or the next timer; read every frame the sockets hold; once a
+result has been read, sleep until its coalescing window (COALESCE) has passed, read what
+came meanwhile, append it all to the outbox with one fsync (group commit across runners:
+one wake-up and one fsync per window, not per result), and only then
 acknowledge each result to the runner that sent it (SPEC §7: a result is acknowledged once
 it is on disk); about once a second, save the sink cursors and send PublisherStats. Delivery
 runs in one thread per sink (delivery.py).
@@ -138,7 +139,15 @@ class PublisherProcess:
         while not self.stopping:
             self.send_stats_when_due()
             self._watch_output()
-            timeout = max(0.0, min(self.next_stats_at, self.digest_due, self.commit_at) - time.monotonic())
+            now = time.monotonic()
+            if self.received:
+                # Results wait for their window: sleep through it rather than wake for every
+                # runner's frame, then take all that came meanwhile in one pass.
+                if now < self.commit_at and len(self.received) < self.batch_max:
+                    time.sleep(self.commit_at - now)
+                timeout = 0.0
+            else:
+                timeout = max(0.0, min(self.next_stats_at, self.digest_due) - now)
             for key, _ in self.sel.select(timeout):
                 key.data()
             self.handle_signals()
