@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psutil
 
-from benchlib import (PYTHON, SH_PLUGIN, Area, BenchError, ResultsTail, Service, cpu_delta, cpu_snapshot,
+from benchlib import (PYTHON, SH_PLUGIN, Area, BenchError, CpuAcct, ResultsTail, Service, cpu_delta, cpu_snapshot,
                       install_plugin, iso_to_epoch, job_spec, read_results, stdin_document, system_busy, uss_mb,
                       wait_for)
 
@@ -45,9 +45,11 @@ def run_variant(area: Area, kind: str, jobs: int, window: float, warmup: float,
         svc.write_spec(f"job-{i:04d}.json", doc)
     out: dict = {"name": name, "plugin": kind, "jobs": jobs, "interval_s": 1.0, "window_s": window,
                  "warmup_s": warmup, "nominal_rate": jobs / 1.0, "loadavg_before": os.getloadavg()[0]}
+    acct = CpuAcct.create(f"service-{name}")
+    base_acct = CpuAcct.create(f"baseline-{name}")
     try:
         t_start = time.monotonic()
-        svc.start()
+        svc.start(acct=acct)
         svc.wait_runners(jobs, timeout=60)
         out["startup_s"] = round(time.monotonic() - t_start, 2)
         tail = ResultsTail(svc.results_file)
@@ -58,6 +60,7 @@ def run_variant(area: Area, kind: str, jobs: int, window: float, warmup: float,
         procs0 = svc.tree()
         m_a, w_a = time.monotonic(), time.time()
         snap0 = cpu_snapshot(procs0)
+        acct0 = acct.usage() if acct else None
         busy0 = system_busy()
         m_b, w_b = time.monotonic(), time.time()
         mono0, wall0 = (m_a + m_b) / 2, (w_a + w_b) / 2
@@ -65,6 +68,7 @@ def run_variant(area: Area, kind: str, jobs: int, window: float, warmup: float,
         procs1 = svc.tree()
         m_a, w_a = time.monotonic(), time.time()
         snap1 = cpu_snapshot(procs1)
+        acct1 = acct.usage() if acct else None
         busy1 = system_busy()
         m_b, w_b = time.monotonic(), time.time()
         mono1, wall1 = (m_a + m_b) / 2, (w_a + w_b) / 2
@@ -118,9 +122,17 @@ def run_variant(area: Area, kind: str, jobs: int, window: float, warmup: float,
         out["per_run_ms"]["plugin"] = round(1000 * plugin_cpu / runs, 4)
         out["per_run_ms"]["runtime_excl_plugin"] = round(1000 * own_total / runs, 4)
         out["per_run_ms"]["runtime_total"] = round(1000 * (own_total + plugin_cpu) / runs, 4)
+        if acct is not None:  # exact: every process of the service and every plugin, in ns
+            out["per_run_ms"]["runtime_total"] = round(1000 * (acct1 - acct0) / runs, 4)
+            out["per_run_ms"]["plugin"] = round(out["per_run_ms"]["runtime_total"] - 1000 * own_total / runs, 4)
+            out["cpu_accounting"] = "cgroup v1 cpuacct (exact); roles from /proc/PID/schedstat"
+        else:
+            out["cpu_accounting"] = "psutil cpu_times (10 ms clock ticks per process: noisy)"
     finally:
         code = svc.stop()
         out["stop_exit_code"] = code
+        if acct is not None:
+            acct.close()
 
     # the baseline: the same plugin, the same number of runs, at the same rate
     stdin_file = root / "stdin.json"
@@ -128,8 +140,14 @@ def run_variant(area: Area, kind: str, jobs: int, window: float, warmup: float,
     rate = runs / elapsed
     log(f"  [{name}] baseline: posix_spawn loop, {runs} runs at {rate:.1f}/s ...")
     busy0 = system_busy()
-    r = subprocess.run([PYTHON, str(HERE / "spawn_baseline.py"), str(entry), repr(rate), str(runs), str(stdin_file)],
-                       capture_output=True, text=True, timeout=runs / rate * 3 + 30)
+    argv = [PYTHON, str(HERE / "spawn_baseline.py"), str(entry), repr(rate), str(runs), str(stdin_file)]
+    if base_acct is not None:
+        argv = base_acct.wrap(argv + [base_acct.path])
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=runs / rate * 3 + 30)
+    finally:
+        if base_acct is not None:
+            base_acct.close()
     busy1 = system_busy()
     if r.returncode != 0:
         raise BenchError(f"{name}: baseline failed: {r.stderr.strip()[-500:]}")
@@ -141,6 +159,8 @@ def run_variant(area: Area, kind: str, jobs: int, window: float, warmup: float,
     out["baseline"] = base
     b_own = 1000 * base["own_cpu"] / base["runs"]
     b_kids = 1000 * base["children_cpu"] / base["runs"]
+    if base.get("acct_cpu") is not None:  # exact total; the loop's own part from rusage (microseconds)
+        b_kids = 1000 * base["acct_cpu"] / base["runs"] - b_own
     out["baseline_per_run_ms"] = {"loop_excl_plugin": round(b_own, 4), "plugin": round(b_kids, 4),
                                   "total": round(b_own + b_kids, 4)}
     ours = out["per_run_ms"]["runtime_total"]
@@ -216,6 +236,7 @@ def format_variant(r: dict) -> list[str]:
                               ("runners", "runner"), ("plugins incl. fork child", "plugin"))
         ) + (f", other {pr['other']:.3f}" if pr.get("other") else ""),
     ]
+    lines.append(f"    CPU accounting      {r['cpu_accounting']}")
     m, late = r["memory_active"], r["lateness_ms"]
     lines.append(f"    memory (active)     whole service USS {m['total_uss_mb']:.1f} MB; runner mean USS "
                  f"{m['runner_mean_uss_mb']:.2f} MB; by role {m['by_role_uss_mb']}")

@@ -4,7 +4,10 @@ rate, and measures its own CPU and its children's (getrusage, microsecond resolu
 
 Run as its own process so nothing else is in its rusage:
 
-    python benchmarks/spawn_baseline.py PLUGIN RATE COUNT STDIN_FILE   -> one JSON line
+    python benchmarks/spawn_baseline.py PLUGIN RATE COUNT STDIN_FILE [CPUACCT_DIR]   -> one JSON line
+
+With CPUACCT_DIR (a cgroup v1 cpuacct folder this process runs in), "acct_cpu" is the exact
+CPU time of the loop and its children (ns precision) over the same span.
 """
 
 from __future__ import annotations
@@ -23,11 +26,19 @@ def _cpu(who: int) -> float:
     return r.ru_utime + r.ru_stime
 
 
-def spawn_loop(plugin: str, rate: float, count: int, stdin: bytes) -> dict:
+def _acct(folder: str | None) -> float | None:
+    if folder is None:
+        return None
+    with open(os.path.join(folder, "cpuacct.usage")) as f:
+        return int(f.read()) / 1e9
+
+
+def spawn_loop(plugin: str, rate: float, count: int, stdin: bytes, acct: str | None = None) -> dict:
     devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
     failures = 0
     late = 0.0
     self0, kids0 = _cpu(resource.RUSAGE_SELF), _cpu(resource.RUSAGE_CHILDREN)
+    acct0 = _acct(acct)
     t0 = time.monotonic()
     for i in range(count):
         due = t0 + i / rate
@@ -53,18 +64,19 @@ def spawn_loop(plugin: str, rate: float, count: int, stdin: bytes) -> dict:
         if status != 0 or b'"satisfied"' not in out:
             failures += 1
     elapsed = time.monotonic() - t0
+    acct1 = _acct(acct)
     own = _cpu(resource.RUSAGE_SELF) - self0
     children = _cpu(resource.RUSAGE_CHILDREN) - kids0
     os.close(devnull)
     return {"runs": count, "rate": rate, "elapsed": elapsed, "own_cpu": own, "children_cpu": children,
-            "failures": failures, "max_late": late}
+            "failures": failures, "max_late": late, "acct_cpu": None if acct is None else acct1 - acct0}
 
 
 def main(argv: list[str]) -> int:
-    plugin, rate, count, stdin_file = argv
+    plugin, rate, count, stdin_file, *acct = argv
     with open(stdin_file, "rb") as f:
         stdin = f.read()
-    print(json.dumps(spawn_loop(plugin, float(rate), int(count), stdin)))
+    print(json.dumps(spawn_loop(plugin, float(rate), int(count), stdin, acct[0] if acct else None)))
     return 0
 
 

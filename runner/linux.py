@@ -45,11 +45,11 @@ def set_process_name(name: str) -> None:
     _prctl(PR_SET_NAME, ctypes.cast(buf, ctypes.c_void_p).value or 0, 0, 0, 0)
 
 
-def has_children(pid: int) -> bool:
-    """Whether a single-threaded `pid` has any child, zombies included (one open and read).
-    True when /proc cannot tell, so that the caller looks the long way."""
+def has_children() -> bool:
+    """Whether this single-threaded process has any child, zombies included (one open and
+    one read). True when /proc cannot tell, so that the caller looks the long way."""
     try:
-        fd = os.open(f"/proc/{pid}/task/{pid}/children", os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open("/proc/thread-self/children", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return True
     try:

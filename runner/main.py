@@ -21,7 +21,7 @@ import msgspec
 
 from runner import linux
 from runner.framing import MAX_FRAME, Channel, FrameError
-from runner.log import setup_logging
+from runner.log import Log
 from runner.poller import READ, Poller
 from runner.selfpipe import SelfPipe
 from runner.plugin import PluginError, PluginResolver
@@ -41,8 +41,14 @@ ACK_WAIT = 1.5  # when stopping: how long the last results may wait for the publ
 _encoder = msgspec.msgpack.Encoder()
 
 
+_NO_PLUGIN = PluginInfo("", "")
+
+
 class Run:
     """One plugin execution in flight."""
+
+    __slots__ = ("uuid", "start_wall", "start_mono", "deadline", "kill_at", "pid", "pidfd", "out_fd", "err_fd",
+                 "stdout", "stderr_tail", "failure", "counters", "plugin", "protocol", "path")
 
     def __init__(self, run_uuid: str, start_wall: float, start_mono: float, deadline: float):
         self.uuid = run_uuid
@@ -58,7 +64,7 @@ class Run:
         self.stderr_tail = bytearray()
         self.failure: str | None = None  # set when we end the run ourselves (timeout, output limit)
         self.counters = (0, 0)  # the job cgroup's (oom kills, fork refusals) before the run
-        self.plugin = PluginInfo("", "")
+        self.plugin = _NO_PLUGIN
         self.protocol = "assessment/1"
         self.path = ""
 
@@ -67,7 +73,7 @@ class Runner:
     def __init__(self, channel: Channel, cfg: RunnerConfig):
         self.channel = channel
         self.cfg = cfg
-        self.log = setup_logging(f"runner {cfg.job_uuid}", cfg.log_format, cfg.log_level)
+        self.log = Log(f"runner {cfg.job_uuid}", cfg.log_format, cfg.log_level)
         allowed = frozenset({0, os.getuid()})
         self.resolver = PluginResolver(cfg.plugin_dirs, cfg.plugin.name, cfg.plugin.version, allowed,
                                        cfg.plugin.sha256, cfg.require_sha256)
@@ -84,6 +90,7 @@ class Runner:
         self.run_now = False
         self.stopping = False
         self.leave_by: float | None = None
+        self._plugin_info = PluginInfo(cfg.plugin.name, cfg.plugin.version, None)  # reused while the digest holds
         self._clean_scratch: tuple[int, int] | None = None  # (inode, ctime) of the scratch folder, emptied
         self.signals: list[int] = []
         now = time.monotonic()
@@ -234,7 +241,9 @@ class Runner:
             plugin, digest = self.resolver.resolve()
         except PluginError as e:
             return self.finish_without_spawn(run, self._explain(e.reason))
-        run.plugin = PluginInfo(self.cfg.plugin.name, self.cfg.plugin.version, digest)
+        if self._plugin_info.sha256 != digest:
+            self._plugin_info = PluginInfo(self.cfg.plugin.name, self.cfg.plugin.version, digest)
+        run.plugin = self._plugin_info
         run.protocol = plugin.manifest.protocol
         run.path = plugin.path
         argv = [plugin.path] + (self.nagios_args if run.protocol == "nagios" else [])
@@ -310,7 +319,7 @@ class Runner:
             self.send_result(run, end, "error", reason, errors=True)
 
     def finish_without_spawn(self, run: Run, reason: str) -> None:
-        if run.plugin.name == "":
+        if run.plugin is _NO_PLUGIN:
             run.plugin = PluginInfo(self.cfg.plugin.name, self.cfg.plugin.version, None)
         self.send_result(run, time.time(), "error", reason, errors=True)
 

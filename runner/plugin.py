@@ -30,7 +30,9 @@ MANIFEST = "plugin.toml"
 MANIFEST_MAX = 64 << 10  # a manifest is a few lines; refuse to read megabytes
 _NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._+-")
 _ALNUM = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
-_CHUNK = 1 << 20
+# Hashing reads into one small buffer, reused: 1 MiB reads left every runner 0.7 MB bigger (after
+# freeing one, glibc keeps blocks that large on its heap instead of unmapping them).
+_CHUNK = 64 << 10
 
 
 class PluginError(Exception):
@@ -121,6 +123,11 @@ class PluginResolver:
         self._manifest_cache: tuple[str, tuple, Manifest | PluginError] | None = None
         self._digest_cache: tuple[str, tuple, str] | None = None
         self._names_ok = valid_name(name) and valid_name(version)
+        # (plugin_dir, {name}/{version} folder, {name} folder, plugin.toml) for each plugin_dir,
+        # joined once: os.path's functions are frozen modules whose objects live in
+        # libpython's data, so calling them every run costs each runner private pages there
+        self._places = [(d, os.path.join(d, name, version), os.path.join(d, name),
+                         os.path.join(d, name, version, MANIFEST)) for d in self.plugin_dirs]
         # the last resolution that passed, and the stat of every file and folder it checked
         self._last: tuple[tuple, ResolvedPlugin, str] | None = None
 
@@ -136,13 +143,13 @@ class PluginResolver:
             raise PluginError("sha256 required: the spec has no plugin.sha256 and jobs.require_sha256 is true")
         if not self._names_ok:
             raise PluginError(f"invalid plugin name or version: {self.name!r}@{self.version!r}")
-        plugin_dir, folder, manifest_st = self._find()
+        plugin_dir, folder, name_dir, manifest_st = self._find()
         last = self._last
         if last is not None and last[1].folder == folder:
             # Every level is looked at again, every run; when nothing changed (inode, mode,
             # owner, size, times, ctime included) the checks that passed last time still pass.
             try:
-                sts = (manifest_st, os.lstat(folder), os.lstat(os.path.dirname(folder)), os.stat(plugin_dir),
+                sts = (manifest_st, os.lstat(folder), os.lstat(name_dir), os.stat(plugin_dir),
                        os.lstat(last[1].path))
             except OSError:
                 sts = None
@@ -175,17 +182,17 @@ class PluginResolver:
         self._last = (_keys((manifest_st, *folder_sts, st)), resolved, digest)  # exactly what was checked
         return resolved, digest
 
-    def _find(self) -> tuple[str, str, os.stat_result]:
-        """The first plugin_dir holding {name}/{version}/plugin.toml, its folder and the manifest's lstat."""
-        for plugin_dir in self.plugin_dirs:
-            folder = os.path.join(plugin_dir, self.name, self.version)
+    def _find(self) -> tuple[str, str, str, os.stat_result]:
+        """The first plugin_dir holding {name}/{version}/plugin.toml: it, that folder, the {name}
+        folder and the manifest's lstat."""
+        for plugin_dir, folder, name_dir, manifest in self._places:
             try:
-                st = os.lstat(os.path.join(folder, MANIFEST))
+                st = os.lstat(manifest)
             except (FileNotFoundError, NotADirectoryError):
                 continue
             except OSError as e:
-                raise PluginError(f"cannot read {os.path.join(folder, MANIFEST)}: {e.strerror}") from None
-            return plugin_dir, folder, st
+                raise PluginError(f"cannot read {manifest}: {e.strerror}") from None
+            return plugin_dir, folder, name_dir, st
         raise PluginError(f"plugin not found: {self.label} in {', '.join(self.plugin_dirs) or '(no plugin_dirs)'}")
 
     def _check_folders(self, plugin_dir: str, folder: str) -> tuple[os.stat_result, ...]:
@@ -275,8 +282,10 @@ class PluginResolver:
             if _file_key(os.fstat(fd)) != key:
                 raise PluginError(f"plugin changed while being checked: {path}")
             h = hashlib.sha256()
-            while chunk := os.read(fd, _CHUNK):
-                h.update(chunk)
+            buf = bytearray(_CHUNK)
+            view = memoryview(buf)
+            while n := os.readv(fd, [buf]):
+                h.update(view[:n])
             if _file_key(os.fstat(fd)) != key:
                 raise PluginError(f"plugin changed while being checked: {path}")
         except OSError as e:

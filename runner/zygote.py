@@ -23,6 +23,7 @@ import sys
 import msgspec
 
 import runner.main  # noqa: F401 - imported here so every runner shares it
+import runner.warmup
 from runner import linux
 from runner.wire import Exited, Spawn, Spawned
 
@@ -41,36 +42,51 @@ def reap_children(sock: socket.socket) -> None:
         sock.send(_encode(Exited(pid=pid, status=status)))
 
 
-def spawn_runner(sock: socket.socket, private: list[socket.socket], request: Spawn, fds: list[int]) -> None:
-    rfd, wfd = fds
+def spawn_runners(sock: socket.socket, private: list[socket.socket], batch: list[tuple[Spawn, list[int]]]) -> None:
+    """Fork one runner per request, back to back, and answer after the last fork.
+
+    What the zygote writes after a fork costs that runner a private copy of the page, unless
+    a sibling forked before the write shares it: forking a batch with nothing in between
+    but the fork itself lets runners started together share those pages."""
     gc.freeze()  # what the zygote holds now is shared with the child, not touched by its GC
     zygote = os.getpid()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            signal.set_wakeup_fd(-1)
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            sock.close()
-            for s in private:
-                s.close()
-            linux.die_with_parent(zygote)
-            os.setpgid(0, 0)  # the supervisor stops a runner by its process group
-            code = runner.main.serve(rfd, wfd)
-        except BaseException:  # noqa: BLE001 - a runner must never fall back into the zygote loop
-            import traceback
-            traceback.print_exc()
-        finally:
-            os._exit(code)
-    os.close(rfd)
-    os.close(wfd)
-    sock.send(_encode(Spawned(job_uuid=request.job_uuid, pid=pid)))
+    pids = []
+    for i, (_, (rfd, wfd)) in enumerate(batch):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                for _, later in batch[i + 1:]:  # the pipes of the runners forked after this one
+                    for fd in later:
+                        os.close(fd)
+                signal.set_wakeup_fd(-1)
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                sock.close()
+                for s in private:
+                    s.close()
+                linux.die_with_parent(zygote)
+                os.setpgid(0, 0)  # the supervisor stops a runner by its process group
+                code = runner.main.serve(rfd, wfd)
+            except BaseException:  # noqa: BLE001 - a runner must never fall back into the zygote loop
+                import traceback
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        os.close(rfd)
+        os.close(wfd)
+        pids.append(pid)
+    for (request, _), pid in zip(batch, pids):
+        sock.send(_encode(Spawned(job_uuid=request.job_uuid, pid=pid)))
 
 
 def main() -> int:
     sock_fd, parent = int(sys.argv[1]), int(sys.argv[2])
     linux.die_with_parent(parent)
     linux.set_process_name("ar-zygote")
+    try:
+        runner.warmup.warm_up()  # before the freeze below, so that every runner shares what it leaves
+    except Exception as e:  # noqa: BLE001 - an optimisation only: never a reason not to start
+        print(f"zygote: warm-up failed (runners start anyway): {e}", file=sys.stderr)
     sock = socket.socket(fileno=sock_fd)
     wake_r, wake_w = socket.socketpair()
     wake_r.setblocking(False)
@@ -91,22 +107,28 @@ def main() -> int:
                 pass
             reap_children(sock)
         if sock in readable:
-            try:
-                data, fds, _, _ = socket.recv_fds(sock, 65536, 2)
-            except ConnectionResetError:
-                data, fds = b"", []
-            if not data:
-                return 0
-            try:
-                request = _decode(data)
-                if len(fds) != 2:
-                    raise ValueError(f"expected 2 fds, got {len(fds)}")
-            except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as e:
-                print(f"zygote: bad request from the supervisor: {e}", file=sys.stderr)
-                for fd in fds:
-                    os.close(fd)
-                continue
-            spawn_runner(sock, [wake_r, wake_w], request, fds)
+            batch: list[tuple[Spawn, list[int]]] = []
+            more = True
+            while more:  # every request queued now: one batch of forks
+                try:
+                    data, fds, _, _ = socket.recv_fds(sock, 65536, 2)  # (3.11 ignores its flags argument)
+                except ConnectionResetError:
+                    data, fds = b"", []
+                if not data:
+                    return 0
+                more = bool(select.select([sock], [], [], 0)[0])
+                try:
+                    request = _decode(data)
+                    if len(fds) != 2:
+                        raise ValueError(f"expected 2 fds, got {len(fds)}")
+                except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as e:
+                    print(f"zygote: bad request from the supervisor: {e}", file=sys.stderr)
+                    for fd in fds:
+                        os.close(fd)
+                    continue
+                batch.append((request, fds))
+            if batch:
+                spawn_runners(sock, [wake_r, wake_w], batch)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import time
 
 import msgspec
 
-from runner.log import setup_logging
+from supervisor.log import setup_logging
 from runner.protocol import iso_time
 from runner.selfpipe import SelfPipe
 from runner.units import enc_hook

@@ -6,7 +6,11 @@ import hashlib
 import os
 import re
 import signal
+import stat
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -331,3 +335,45 @@ def test_cli_without_a_service_and_with_bad_config(area, service_factory):
     r = subprocess.run([sys.executable, "-m", "supervisor", "--version"], capture_output=True, text=True,
                        timeout=20, cwd=REPO)
     assert r.returncode == 0 and r.stdout.startswith("assessment-runtime ")
+
+
+@pytest.mark.timeout(60)
+def test_results_reach_the_sink_while_the_supervisor_is_stopped(svc):
+    """The supervisor is the control plane only: runners hand results to the publisher."""
+    doc = spec(plugin="ok", interval="1s")
+    svc.write_spec("job.json", doc)
+    svc.start()
+    svc.wait_result(doc["uuid"])
+    os.kill(svc.proc.pid, signal.SIGSTOP)
+    try:
+        before = len(svc.results_for(doc["uuid"]))
+        svc.wait_result(doc["uuid"], before + 3, timeout=15)  # three more runs, delivered, with no supervisor
+    finally:
+        os.kill(svc.proc.pid, signal.SIGCONT)
+    job = wait_for(lambda: (lambda j: j if j["runs"] >= before + 3 else None)(svc.job(doc["uuid"])), 10,
+                   what="status to count the runs made meanwhile")
+    assert job["last_result"]["status"] == "satisfied"
+
+
+@pytest.mark.timeout(60)
+def test_the_results_socket_is_ours_alone_and_the_zygote_leaves_nothing_behind(svc):
+    doc = spec(plugin="ok")
+    svc.write_spec("job.json", doc)
+    svc.start()
+    svc.wait_result(doc["uuid"])
+    sock_path = svc.root / "run" / "results.sock"
+    assert stat.S_ISSOCK(sock_path.stat().st_mode) and stat.S_IMODE(sock_path.stat().st_mode) == 0o600
+    if os.geteuid() == 0:  # another user cannot connect (the mode; the publisher checks the peer's uid too)
+        probe = subprocess.run(
+            [sys.executable, "-c", "import os, socket, sys; os.setgid(65534); os.setuid(65534); "
+             "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])", str(sock_path)],
+            capture_output=True, text=True, timeout=20)
+        assert probe.returncode != 0 and "PermissionError" in probe.stderr, probe.stderr
+    zygote = [p for p in svc.descendants() if "runner.zygote" in " ".join(p.cmdline()) and
+              p.ppid() == svc.proc.pid]
+    assert len(zygote) == 1
+    # the warm-up ran a real plugin in a folder of its own and removed it
+    assert not list(Path("/tmp").glob(f"ar-warm-{zygote[0].pid}-*"))
+    assert "warm-up failed" not in svc.log_text()
+    assert svc.stop() == 0
+    assert not sock_path.exists()

@@ -43,7 +43,7 @@ import msgspec
 
 from runner import linux
 from runner.framing import MAX_FRAME, Channel, FrameError
-from runner.log import setup_logging
+from supervisor.log import setup_logging
 from runner.selfpipe import SelfPipe
 from runner.units import dec_hook
 from runner.wire import (Acked, JobDigest, Publish, PublisherSettings, PublisherStats, RunnerToPublisher,
@@ -56,7 +56,7 @@ from supervisor.publisher.sink import make_sink
 STATS_INTERVAL = 1.0
 DRAIN_TIMEOUT = 5.0
 SETTINGS_TIMEOUT = 30.0
-COALESCE = 0.02  # results wait this long for others to share their fsync (a runner holds them meanwhile)
+COALESCE = 0.05  # results wait this long for others to share their fsync (a runner holds them meanwhile)
 DIGEST_DELAY = 0.1  # status learns of committed results this soon (more stats frames, not more work per result)
 MAX_STATS_BACKLOG = 1 << 20  # the supervisor is not reading: skip stats rather than queue them
 EXIT_BAD_FRAME = 65  # sysexits EX_DATAERR

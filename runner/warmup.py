@@ -1,0 +1,95 @@
+"""The zygote's warm-up: run a runner's code paths before forking any runner.
+
+CPython 3.11 specialises ("quickens") hot code in place, fills its type and method caches,
+and allocates its first objects of each kind as code runs. Done in each runner, every one of
+those writes lands in the runner's own copy of a page it shares with the zygote. Done once
+here, before `gc.freeze()`, runners share the result. Measured: idle runner USS -0.5 MB,
+active -0.8 MB.
+
+What runs is the real thing: a RunnerConfig frame, Runner setup, a connection to a results
+socket of our own, `start_run` of a small trusted sh plugin in a temporary folder, the event
+loop until the run ends, the result frame to the "publisher", its ack. Nothing is left open,
+no signal handler is installed, nothing is logged; the plugin runs as the zygote's user
+(run_as None). An optimisation only: the zygote starts without it if anything goes wrong.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import msgspec
+
+from runner.framing import MAX_FRAME, Channel
+from runner.main import Runner, _remove_tree
+from runner.wire import (Acked, PluginInfo, RunLimits, RunnerConfig, RunnerToPublisher, SupervisorToRunner)
+
+PLUGIN = b"#!/bin/sh\ncat >/dev/null\necho '{\"status\":\"satisfied\",\"observations\":[{\"title\":\"warm\"}]}'\n"
+
+
+def warm_up(rounds: int = 10) -> None:
+    # not tempfile: it imports random (another fork handler), shutil, bz2, lzma...
+    tmp = f"/tmp/ar-warm-{os.getpid()}-{os.urandom(4).hex()}"
+    os.mkdir(tmp, 0o700)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        folder = os.path.join(tmp, "plugins", "warm", "1")
+        os.makedirs(folder, 0o755)
+        with open(os.path.join(folder, "plugin.toml"), "w") as f:
+            f.write('name = "warm"\nversion = "1"\nentrypoint = "warm"\nprotocol = "assessment/1"\n')
+        with open(os.path.join(folder, "warm"), "wb") as f:
+            f.write(PLUGIN)
+        os.chmod(os.path.join(folder, "warm"), 0o755)
+        path = os.path.join(tmp, "results.sock")
+        listener.bind(path)
+        listener.listen(1)
+        listener.settimeout(5.0)
+        cfg = RunnerConfig(
+            job_uuid="00000000-0000-4000-8000-000000000000", revision="0",
+            runtime_uuid="00000000-0000-4000-8000-000000000001", job_json=b"{}", config_json=b"{}",
+            plugin=PluginInfo("warm", "1", None), plugin_url=None, plugin_dirs=[os.path.join(tmp, "plugins")],
+            require_sha256=False, title="warm", labels={}, assessment_plan_uuid=None, component_uuid=None,
+            control_id=None, interval=60.0, timeout=10.0, stop_grace=1.0, run_on_start=False, splay=0.0,
+            limits=RunLimits(None, None, None, None, 1 << 20), scratch_dir=os.path.join(tmp, "scratch"),
+            run_as=None, log_level="critical", publisher_socket=path)
+        frame = msgspec.msgpack.encode(cfg)
+        for _ in range(rounds):
+            _one_round(frame, listener)
+    finally:
+        listener.close()
+        _remove_tree(tmp)
+
+
+def _one_round(frame: bytes, listener: socket.socket) -> None:
+    to_r, to_w = os.pipe()
+    from_r, from_w = os.pipe()
+    channel = Channel(to_r, from_w, SupervisorToRunner, max_frame=MAX_FRAME)
+    runner = publisher = None
+    try:
+        os.write(to_w, len(frame).to_bytes(4, "big") + frame)
+        runner = Runner(channel, channel.read()[0])
+        runner.report_state()
+        runner.results.connect(time.monotonic())
+        conn, _ = listener.accept()
+        fd = conn.detach()
+        publisher = Channel(fd, fd, RunnerToPublisher)
+        runner.tick(time.monotonic())  # not due: nothing starts
+        runner.start_run(time.monotonic())  # as serve() does when a run is due
+        deadline = time.monotonic() + 10
+        while runner.run is not None and time.monotonic() < deadline:
+            runner.poller.poll(1.0)
+            runner.tick(time.monotonic())
+        os.set_blocking(publisher.rfd, True)
+        uuids = [message.last.uuid for message in publisher.read()]
+        publisher.send(Acked(uuids))
+        runner.results.read_acks()
+        os.read(from_r, 1 << 16)
+    finally:
+        if runner is not None:
+            runner.results.close()
+            runner.poller.close()
+        if publisher is not None:
+            publisher.close()
+        for fd in (to_r, to_w, from_r, from_w):
+            os.close(fd)
