@@ -3,7 +3,8 @@
 A slow or broken sink never holds back another. A sink thread delivers as soon as anything
 is pending (up to batch_max at a time: what arrives during one delivery is the next batch),
 except a file sink, which writes on its flush timer (flush_interval, or sooner once batch_max
-results wait): one write and fsync per interval instead of one per result. It advances its
+results wait or the outbox is over half its bound): one write and fsync per interval instead
+of one per result. It advances its
 cursor past what the sink took. A sink may take part of a batch before it fails
 (DeliveryError.done: an http sink that bisected a refused batch): the cursor moves past that
 part. After a failure the rest is retried with exponential backoff and full jitter (cap: the
@@ -103,8 +104,8 @@ class SinkWorker:
                 # deliver as soon as there is work: what arrives during one delivery is the
                 # next batch, so batches grow with load and latency stays low.
                 due = self._last_delivery + self.flush_interval if self.paced else now
-                if stopping or now >= due or pending >= self.batch_max:
-                    return True
+                if stopping or now >= due or pending >= self.batch_max or self.outbox.near_bound():
+                    return True  # (near its bound, the outbox would soon drop what this sink has not taken)
                 self.wakeup.wait(due - now)
 
     def deliver_batch(self) -> None:

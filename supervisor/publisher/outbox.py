@@ -509,6 +509,11 @@ class Outbox:
 
     # -- the bound -----------------------------------------------------------------------
 
+    def near_bound(self) -> bool:
+        """Over half of max_bytes: a sink that waits to batch should not wait now."""
+        with self._lock:
+            return sum(s.size for s in self._segments) > self.max_bytes // 2
+
     def _enforce_bound(self) -> None:
         """Over max_bytes: drop the oldest segments (never the one being written), count the
         results no sink had yet taken, and move the cursors that were inside them."""
