@@ -36,6 +36,7 @@ from runner.wire import (AttestationResult, LastResult, PluginInfo, Publish, Run
 
 STDERR_TAIL = 4096
 READ_CHUNK = 65536
+PIPE_WATCH_DELAY = 0.05  # a plugin still running after this has its pipes watched
 SCRATCH_TICK_NS = 20_000_000  # more than a coarse clock tick (HZ 100: 10 ms)
 ACK_WAIT = 1.5  # when stopping: how long the last results may wait for the publisher's ack
 _encoder = msgspec.msgpack.Encoder()
@@ -48,7 +49,8 @@ class Run:
     """One plugin execution in flight."""
 
     __slots__ = ("uuid", "start_wall", "start_mono", "deadline", "kill_at", "pid", "pidfd", "out_fd", "err_fd",
-                 "stdout", "stderr_tail", "failure", "counters", "plugin", "protocol", "path")
+                 "stdout", "stderr_tail", "failure", "counters", "plugin", "protocol", "path", "open_pipes",
+                 "watch_pipes_at")
 
     def __init__(self, run_uuid: str, start_wall: float, start_mono: float, deadline: float):
         self.uuid = run_uuid
@@ -65,6 +67,8 @@ class Run:
         self.failure: str | None = None  # set when we end the run ourselves (timeout, output limit)
         self.counters = (0, 0)  # the job cgroup's (oom kills, fork refusals) before the run
         self.plugin = _NO_PLUGIN
+        self.open_pipes: set[int] = set()  # stdout/stderr read ends not yet at EOF
+        self.watch_pipes_at = math.inf  # when the pipes join the poller (if the plugin still runs)
         self.protocol = "assessment/1"
         self.path = ""
 
@@ -135,6 +139,11 @@ class Runner:
                 kill_group(run.pid, signal.SIGKILL)
                 kill_cgroup(self.cfg.cgroup)
                 run.kill_at = math.inf
+            if now >= run.watch_pipes_at:
+                run.watch_pipes_at = math.inf
+                for fd, reader in ((run.out_fd, self.on_stdout), (run.err_fd, self.on_stderr)):
+                    if fd in run.open_pipes:
+                        self.poller.register(fd, READ, reader)
         elif not self.stopping and (self.run_now or now >= self.next_run_at):
             self.start_run(now)
 
@@ -143,7 +152,7 @@ class Runner:
         reconnect = link.reconnect_at if link.channel is None else math.inf
         run = self.run
         if run is not None:
-            return min(reconnect, run.kill_at if run.kill_at is not None else run.deadline)
+            return min(reconnect, run.watch_pipes_at, run.kill_at if run.kill_at is not None else run.deadline)
         if self.stopping:
             return min(reconnect, self.leave_by or 0.0)
         if self.run_now:
@@ -184,6 +193,7 @@ class Runner:
             if len(run.stdout) > limit:
                 del run.stdout[limit:]
                 self.poller.unregister(run.out_fd)
+                run.open_pipes.discard(run.out_fd)
                 self.end_run(f"output limit exceeded: more than {limit} bytes", signal.SIGKILL)
 
     def on_stderr(self) -> None:
@@ -204,6 +214,7 @@ class Runner:
         chunk = os.read(fd, READ_CHUNK)
         if not chunk:
             self.poller.unregister(fd)
+            self.run.open_pipes.discard(fd)
         return chunk
 
     def on_plugin_exit(self) -> None:
@@ -262,10 +273,12 @@ class Runner:
             self._clean_scratch = empty if before - empty[1] >= SCRATCH_TICK_NS else None
         except (SpawnError, OSError) as e:
             return self.finish_without_spawn(run, f"cannot start plugin {plugin.path}: {e}")
-        poller = self.poller
-        poller.register(run.out_fd, READ, self.on_stdout)
-        poller.register(run.err_fd, READ, self.on_stderr)
-        poller.register(run.pidfd, READ, self.on_plugin_exit)
+        # Most plugins are done within milliseconds and write less than a pipe holds (64 KiB):
+        # their pipes are read when they exit, one wake-up per run. One still running after
+        # PIPE_WATCH_DELAY gets its pipes watched, so that a large output never blocks it.
+        run.open_pipes = {run.out_fd, run.err_fd}
+        run.watch_pipes_at = now + PIPE_WATCH_DELAY
+        self.poller.register(run.pidfd, READ, self.on_plugin_exit)
 
     def end_run(self, reason: str, sig: int = signal.SIGTERM) -> None:
         """End the run ourselves: signal its process group, SIGKILL after the grace."""
@@ -280,13 +293,11 @@ class Runner:
     def finish_run(self) -> None:
         run = self.run
         _, status, rusage = os.wait4(run.pid, 0)
-        handlers = self.poller.handlers
-        if run.out_fd in handlers or run.err_fd in handlers:
-            # what the plugin wrote just before it exited (a pipe still open elsewhere, by a
-            # child it left behind, is not waited for: that child is killed below)
-            for fd, reader in ((run.out_fd, self.on_stdout), (run.err_fd, self.on_stderr)):
-                while fd in handlers and select.select([fd], [], [], 0)[0]:
-                    reader()
+        # what the plugin wrote and we have not read (a pipe still open elsewhere, by a child
+        # it left behind, is not waited for: that child is killed below)
+        for fd, reader in ((run.out_fd, self.on_stdout), (run.err_fd, self.on_stderr)):
+            while fd in run.open_pipes and select.select([fd], [], [], 0)[0]:
+                reader()
         for fd in (run.out_fd, run.err_fd, run.pidfd):
             self.poller.forget(fd)
             os.close(fd)
