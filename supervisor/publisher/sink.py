@@ -13,19 +13,15 @@ from __future__ import annotations
 
 import collections
 import datetime
-import email.utils
 import hashlib
 import logging
 import os
 import re
-import ssl
 import threading
 import time
 from typing import Protocol
 
 import msgspec
-import urllib3
-
 from supervisor import __version__
 from supervisor.config import ConfigError, Sink as SinkConfig, check_token_file
 from supervisor.files import write_atomic
@@ -38,6 +34,19 @@ DEAD_LETTER_BODY = 4096  # bytes of the hub's answer kept in a dead letter
 RETRY_AFTER_MAX = 3600.0  # a Retry-After further out than this is taken as this
 DRAIN_MAX = 1 << 20  # the rest of an answer is read (to reuse the connection) up to this, else the connection is closed
 MIN_REQUEST_TIMEOUT = 0.1  # while stopping, a request gets at least this long
+# urllib3 and ssl (with email.utils, 7 MB of the publisher's memory) are imported by the first
+# HttpSink: a publisher with file sinks only does without them.
+urllib3 = ssl = None
+
+
+def _import_http_modules() -> None:
+    global urllib3, ssl
+    if urllib3 is None:
+        import ssl as ssl_module
+        import urllib3 as urllib3_module
+        ssl, urllib3 = ssl_module, urllib3_module
+
+
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}\Z")  # as spec names: a plain file name, never a path
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._+-]")
 _BEARER = re.compile(r"^[\x21-\x7e]+\Z")  # visible ASCII: nothing that could split or break a header
@@ -256,6 +265,7 @@ class HttpSink:
     kind = "http"
 
     def __init__(self, config_sink: SinkConfig, state_dir: str, key: str = "publisher.sink"):
+        _import_http_modules()
         self.name = config_sink.name
         self.url = config_sink.url
         self.timeout = float(config_sink.timeout)
@@ -495,6 +505,7 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     value = value.strip()
     if value.isdigit():
         return min(float(value), RETRY_AFTER_MAX)
+    import email.utils  # only the http sink gets here
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
