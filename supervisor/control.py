@@ -6,7 +6,6 @@ Routes: GET /status, POST /jobs/{uuid}/run, GET /metrics.
 
 from __future__ import annotations
 
-import http.client
 import json
 import logging
 import os
@@ -135,15 +134,18 @@ def json_response(status: int, doc: object) -> tuple[int, str, bytes]:
 
 # -- client --------------------------------------------------------------------------------
 
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float):
-        super().__init__("localhost", timeout=timeout)
-        self.unix_path = path
+def _unix_connection(path: str, timeout: float):
+    """An HTTPConnection to the control socket. http.client is imported here, by the client
+    (the CLI) only: it imports email and ssl, megabytes the running service does without."""
+    import http.client
 
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self.unix_path)
+    class _UnixConnection(http.client.HTTPConnection):
+        def connect(self) -> None:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(self.timeout)
+            self.sock.connect(path)
+
+    return _UnixConnection("localhost", timeout=timeout), http.client.HTTPException
 
 
 class NoService(Exception):
@@ -151,12 +153,12 @@ class NoService(Exception):
 
 
 def request(path: str, method: str, target: str, timeout: float = 10.0) -> tuple[int, bytes]:
-    conn = _UnixConnection(path, timeout)
+    conn, http_error = _unix_connection(path, timeout)
     try:
         conn.request(method, target, headers={"Content-Length": "0"} if method == "POST" else {})
         resp = conn.getresponse()
         return resp.status, resp.read()
-    except (OSError, http.client.HTTPException) as e:
+    except (OSError, http_error) as e:
         raise NoService(f"no service answers on {path}: {e}") from None
     finally:
         conn.close()

@@ -20,6 +20,7 @@ import resource
 import selectors
 import signal
 import time
+from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -40,7 +41,9 @@ from supervisor.metrics import Metrics
 from supervisor.notify import Notifier
 from supervisor.users import resolve_plugin_users
 from supervisor.store import Rejection, SpecStore
-from supervisor.sync import ConfigSync, SyncResult, apply_to_store, check_source
+
+if TYPE_CHECKING:
+    from supervisor.sync import ConfigSync, SyncResult
 
 log = logging.getLogger("supervisor")
 
@@ -82,6 +85,7 @@ class Service:
         check_sink_files(self.config, config_file)  # hub token_file mode, ca_file: exit 78
         self.users = resolve_plugin_users(self.config)
         if self.config.configuration is not None:  # token_file mode, ca_file: exit 78 before anything starts
+            from supervisor.sync import check_source  # (sync imports urllib3 and ssl: only when configured)
             try:
                 check_source(self.config.configuration)
             except ConfigError as e:
@@ -166,6 +170,7 @@ class Service:
             self.store.forget_revision("http")
             return
         self.http_source = SourceState("http", settings.url)
+        from supervisor.sync import ConfigSync  # urllib3 and ssl: ~7 MB, only with a [configuration] source
         try:
             self.config_sync = ConfigSync(settings, self.runtime_uuid, self.wake, previous)
         except ConfigError as e:  # checked before; only a file changed since then gets here
@@ -309,6 +314,7 @@ class Service:
             source.revision = None
             sync.settle(now, ok=True, at_once=True)
             return
+        from supervisor.sync import SyncResult, apply_to_store  # (imported already: an answer came)
         if result.outcome in ("snapshot", "delta"):
             try:
                 apply_to_store(self.store, result)
@@ -398,6 +404,7 @@ class Service:
             check_sink_files(config, self.config_file)
             users = resolve_plugin_users(config)
             if config.configuration is not None and config.configuration != old_settings:
+                from supervisor.sync import check_source
                 check_source(config.configuration)
         except ConfigError as e:
             log.error("SIGHUP: config not reloaded, keeping the running one: %s", e)
