@@ -1,10 +1,11 @@
 """Benchmark 7: a start with 1,000 stored specs, to READY and to every runner up.
 
-The service first runs once on a folder of 1,000 spec files (interval 1h, run_on_start
-false) so that they are in its store; then the folder source is taken out of the config and
-the service is started again, as a host that boots with only its stored specs would. It gets
-a NOTIFY_SOCKET of ours (a datagram socket, as systemd's): we time READY=1 from the start,
-and the moment status shows all 1,000 jobs running with a runner pid.
+The service first runs once against a Configuration service (bench_confsync's) that answers
+with 1,000 specs (interval 1h, run_on_start false), so that they are in its store; then the
+Configuration service goes away and the service is started again, as an offline host boots
+with only its stored specs (SPEC §5). It gets a NOTIFY_SOCKET of ours (a datagram socket, as
+systemd's): we time READY=1 from the start, and the moment status shows all 1,000 jobs
+running with a runner pid.
 Baseline, in the same run: a Python process forking 1,000 children that exit at once.
 """
 
@@ -14,27 +15,29 @@ import os
 import socket
 import time
 
-from bench_confsync import _fork_baseline
+from bench_confsync import _ConfigService, _fork_baseline
 from benchlib import SH_PLUGIN, Area, BenchError, Service, install_plugin, job_spec, wait_for
 
 
 def run(area: Area, jobs: int = 1000, log=print) -> dict:
     root = area.sub(f"start-{jobs}")
-    svc = Service(root)
+    server = _ConfigService()
+    svc = Service(root, extra_config=f"""
+        [configuration]
+        url = "{server.url}"
+        allow_http = true
+        sync_interval = "1h"
+        """)
     install_plugin(svc.plugins, "trivial", script=SH_PLUGIN)
-    for i in range(jobs):
-        svc.write_spec(f"job-{i:04d}.json", job_spec(interval="1h", run_on_start=False, title=f"stored job {i}"))
+    server.publish([job_spec(interval="1h", run_on_start=False, title=f"stored job {i}") for i in range(jobs)])
     out: dict = {"jobs": jobs}
     try:
         svc.start()
-        svc.wait_runners(jobs, timeout=180)
+        wait_for(lambda: (svc.state / "specs" / "http" / "revision").exists(), 120, 0.05, what="the stored specs")
     finally:
         svc.stop()
-    # the same service with no spec source but its store: drop [specs] from the config
-    text = svc.config.read_text()
-    start, end = text.index("[specs]"), text.index("[jobs]")
-    svc.config.write_text(text[:start] + text[end:] + '\n[configuration]\nurl = "http://127.0.0.1:9/"\n'
-                          'allow_http = true\nsync_interval = "1h"\n')
+        server.server.shutdown()
+        server.server.server_close()  # from now on its port refuses connections
     notify_path = str(root / "notify.sock")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(notify_path)
@@ -68,7 +71,7 @@ def run(area: Area, jobs: int = 1000, log=print) -> dict:
 
 
 def format_result(r: dict) -> list[str]:
-    return [f"  {r['jobs']} stored specs, no source answering: READY after {r['ready_s'] * 1000:.0f} ms, "
+    return [f"  {r['jobs']} stored specs, the Configuration service down: READY after {r['ready_s'] * 1000:.0f} ms, "
             f"all {r['jobs']} runners up after {r['all_running_s'] * 1000:.0f} ms (status polled every 0.5 s)",
             f"    baseline          {r['baseline_fork_s'] * 1000:.0f} ms   a Python process forking {r['jobs']} "
             f"children that exit at once -> {r['ratio_running_to_fork_baseline']:.2f}x"]

@@ -19,7 +19,7 @@ Benchmarks:
              (vs the same atomic writes, and 1,000 forks); then a 1-spec delta touches 1 runner
   hub        the http sink: results/s from the outbox to a loopback hub (batched vs one POST per
              result), and the publisher's memory with 1 million results pending (bench_hub.py)
-  start      1,000 stored specs, no source answering: start to READY=1, and to every runner up
+  start      1,000 stored specs, Configuration service down: start to READY=1, to every runner up
 
 The summary ends with the per-job cost table (issue 9): each figure, ours, the baseline
 measured in the same run, the ratio, and the target.
