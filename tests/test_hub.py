@@ -234,14 +234,17 @@ def test_answers_that_are_retried_raise_and_take_nothing(hubs, tmp_path):
     sink = make_sink(http_sink(hub), str(tmp_path))
     batch = payloads([make_result(i) for i in range(3)])
     for status, headers in ((408, {}), (429, {"Retry-After": "7"}), (500, {}), (503, {}), (502, {}),
-                            (302, {"Location": "http://example.org/"})):
+                            (302, {"Location": "http://example.org/"}), (401, {}), (403, {}), (404, {}), (405, {})):
         hub.answer = lambda items, s=status, h=headers: (s, h, b"busy, come back later")
         with pytest.raises(DeliveryError) as err:
             sink.deliver(batch)
         assert err.value.done == 0 and err.value.dead_lettered == 0
         assert f"HTTP {status}" in str(err.value) and "busy, come back later" in str(err.value)
         assert err.value.retry_after == (7.0 if status == 429 else None)
-    assert "redirects are not followed" in str(err.value)
+        if status == 302:
+            assert "redirects are not followed" in str(err.value)
+        if status in (401, 403, 404, 405):  # a wrong token or url, never the result's fault
+            assert "wrong token or url" in str(err.value)
     assert not (tmp_path / "dead-letter").exists()
     hub.answer = ok
     assert sink.deliver(batch) == 0
@@ -302,11 +305,11 @@ def test_bisection_isolates_refused_results_in_order_and_stops_at_a_retryable_an
 
 def test_any_other_4xx_is_refusal_and_whole_batch_refusal_costs_few_requests(hubs, tmp_path):
     results = [make_result(i) for i in range(8)]
-    hub = hubs(answer=lambda items: (404, {}, b"no such thing"))
+    hub = hubs(answer=lambda items: (422, {}, b"no such thing"))
     sink = make_sink(http_sink(hub), str(tmp_path))
     assert sink.deliver(payloads(results)) == 8
     assert set(letters(tmp_path)) == {f"{r.uuid}.json" for r in results}
-    assert all(letter["status"] == 404 and letter["body"] == "no such thing" for letter in letters(tmp_path).values())
+    assert all(letter["status"] == 422 and letter["body"] == "no such thing" for letter in letters(tmp_path).values())
     assert len(hub.snapshot()) == 15  # every node of the bisection tree: 1 + 2 + 4 + 8
 
 

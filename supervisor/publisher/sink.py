@@ -246,6 +246,12 @@ def utc_now_iso() -> str:
 
 # -- http ---------------------------------------------------------------------------------
 
+# SPEC §7: 401, 403, 404 and 405 say the token or the url is wrong, not the result: retried
+# like 408, 429 and 5xx, with the answer in last_error, never dead-lettered
+WRONG_TOKEN_OR_URL = frozenset({401, 403, 404, 405})
+RETRIED_4XX = WRONG_TOKEN_OR_URL | {408, 429}
+
+
 class _Retryable(Exception):
     def __init__(self, message: str, retry_after: float | None = None):
         super().__init__(message)
@@ -410,7 +416,8 @@ class HttpSink:
     def _post(self, encoded: list[bytes], a: int, b: int, headers: dict[str, str],
               deadline: float | None) -> tuple[bool, int | None, bytes]:
         """POST encoded[a:b] as one JSON array. Returns (refused, status, first bytes of the
-        answer): refused is False for 2xx, True for a 4xx other than 408 and 429. Raises
+        answer): refused is False for 2xx, True for a 4xx other than those retried (408, 429, and
+        401/403/404/405: a wrong token or url). Raises
         _Retryable for everything else."""
         body = b"[" + b",".join(encoded[a:b]) + b"]"
         for attempt in (1, 2):
@@ -434,11 +441,13 @@ class HttpSink:
             if 200 <= status < 300:
                 return False, status, b""
             head = _read_some(resp, DEAD_LETTER_BODY)
-            if 400 <= status < 500 and status not in (408, 429):
+            if 400 <= status < 500 and status not in RETRIED_4XX:
                 return True, status, head
             why = f"HTTP {status} from {self.url}" + (f": {_snippet(head)}" if head else "")
             if 300 <= status < 400:
                 why += " (redirects are not followed: set the sink's url to the final address)"
+            elif status in WRONG_TOKEN_OR_URL:
+                why += " (a wrong token or url: retried, never dead-lettered)"
             retry_after = parse_retry_after(resp.headers.get("Retry-After"))
             raise _Retryable(why, retry_after)
         finally:
