@@ -455,8 +455,8 @@ def read_config(channel: Channel, timeout: float) -> tuple[RunnerConfig | None, 
     """Wait up to `timeout` for the first frame on the supervisor's pipe: (the RunnerConfig,
     the frames that came with it), or (None, what came) when it is missing or another frame."""
     deadline = time.monotonic() + timeout
-    frames: list = []
     try:
+        frames = channel.read()
         while not frames and not channel.eof:
             left = deadline - time.monotonic()
             if left <= 0:

@@ -44,7 +44,10 @@ def reap_children(sock: socket.socket, kept: dict) -> None:
         sock.send(_encode(Exited(pid=pid, status=status)))
 
 
-CONFIG_WAIT = 1.0  # the supervisor writes the RunnerConfig before it asks; a large one may lag
+# The supervisor writes the RunnerConfig into the pipe before it asks for the fork: one that
+# fits in the pipe (64 KiB) is all there; a bigger one is read by the runner itself, so the
+# zygote never waits for anyone.
+CONFIG_WAIT = 0.0
 
 
 class Prepared:

@@ -259,6 +259,8 @@ class Service:
         timers += [t for t in (self.publisher.restart_at, self.zygote_restart_at) if t is not None]
         if self.folder_dirty:
             timers.append(now)
+        if self.manager.unflushed:  # frames a runner's pipe could not take yet (a large config): soon again
+            timers.append(now + 0.01)
         if self.config_sync is not None:
             timers.append(self.config_sync.next_timer())
         return min(timers)

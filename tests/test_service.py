@@ -377,3 +377,28 @@ def test_the_results_socket_is_ours_alone_and_the_zygote_leaves_nothing_behind(s
     assert "warm-up failed" not in svc.log_text()
     assert svc.stop() == 0
     assert not sock_path.exists()
+
+
+@pytest.mark.timeout(60)
+def test_a_config_larger_than_a_pipe_reaches_the_runner_and_its_plugin(svc, area):
+    """The supervisor writes a runner's config into its pipe before the zygote forks it; a
+    config bigger than the pipe holds (64 KiB) arrives in pieces and must still arrive whole."""
+    dump = area / "dump"
+    dump.mkdir(mode=0o777)
+    dump.chmod(0o777)
+    make_plugin(svc.plugins, "stdindump", f"""
+        #!/bin/sh
+        cat > {dump}/stdin.json
+        echo '{{"status": "satisfied"}}'
+        """)
+    big = "x" * (300 << 10)
+    docs = [spec(plugin="stdindump", config={"big": big, "i": i}) for i in range(3)]
+    for i, doc in enumerate(docs):
+        svc.write_spec(f"big{i}.json", doc)
+    svc.start()
+    for doc in docs:
+        assert svc.wait_result(doc["uuid"])[0]["status"] == "satisfied"
+    import json
+    stdin = json.loads((dump / "stdin.json").read_text())
+    assert stdin["config"]["big"] == big
+    assert all(j["restarts"] == 0 for j in svc.status()["jobs"])
