@@ -451,42 +451,21 @@ def _remove_tree(path: str) -> None:
         os.unlink(path)
 
 
-def read_config(channel: Channel, timeout: float) -> tuple[RunnerConfig | None, list]:
-    """Wait up to `timeout` for the first frame on the supervisor's pipe: (the RunnerConfig,
-    the frames that came with it), or (None, what came) when it is missing or another frame."""
-    deadline = time.monotonic() + timeout
-    try:
-        frames = channel.read()
-        while not frames and not channel.eof:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            select.select([channel.rfd], [], [], min(left, 1.0))
-            frames = channel.read()
-    except FrameError as e:
-        print(f"runner: bad frame from the supervisor: {e}", file=sys.stderr)
-        return None, []
-    if frames and isinstance(frames[0], RunnerConfig):
-        return frames[0], frames[1:]
-    return None, frames
-
-
-def build_runner(channel: Channel, cfg: RunnerConfig, frames: list) -> Runner:
-    runner = Runner(channel, cfg)
-    runner.run_now = any(isinstance(frame, RunNow) for frame in frames)
-    return runner
-
-
-def serve(channel: Channel, runner: Runner | None = None) -> int:
-    """Entry point in the forked child. The zygote has usually built our Runner before the
-    fork (its setup then sits in pages we share); if not, read the RunnerConfig here."""
+def serve(rfd: int, wfd: int) -> int:
+    """Entry point in the forked child: read the RunnerConfig frame, then run the loop."""
     linux.set_child_subreaper()
-    if runner is None:
-        cfg, frames = read_config(channel, 30.0)
-        if cfg is None:
-            print("runner: no RunnerConfig from the supervisor", file=sys.stderr)
-            return 2
-        runner = build_runner(channel, cfg, frames)
+    channel = Channel(rfd, wfd, SupervisorToRunner, max_frame=MAX_FRAME)
+    deadline = time.monotonic() + 30
+    frames: list = []
+    while not frames and not channel.eof and time.monotonic() < deadline:
+        select.select([rfd], [], [], 1.0)
+        frames = channel.read()
+    if not frames or not isinstance(frames[0], RunnerConfig):
+        print("runner: no RunnerConfig from the supervisor", file=sys.stderr)
+        return 2
     linux.set_process_name("ar-runner")
-    runner.sandbox.bind(os.getpid())
+    runner = Runner(channel, frames[0])
+    for frame in frames[1:]:
+        if isinstance(frame, RunNow):
+            runner.run_now = True
     return runner.serve()

@@ -17,17 +17,11 @@ MAX_EVENTS = 16  # more ready fds than this simply come in the next poll (level-
 
 class Poller:
     def __init__(self) -> None:
-        # made on first use: the zygote builds Runners (and their Poller) before the fork,
-        # and an epoll fd made then would be shared with it
-        self._epoll: select.epoll | None = None
+        self._epoll = select.epoll()
         self.handlers: dict[int, Callable[[], None]] = {}
 
-    def _open(self) -> select.epoll:
-        self._epoll = select.epoll()
-        return self._epoll
-
     def register(self, fd: int, events: int, handler: Callable[[], None]) -> None:
-        (self._epoll or self._open()).register(fd, events)
+        self._epoll.register(fd, events)
         self.handlers[fd] = handler
 
     def modify(self, fd: int, events: int) -> None:
@@ -48,7 +42,7 @@ class Poller:
         no handler now, or another one than when the batch came, is dropped."""
         # maxevents: by default epoll.poll allocates room for 1023 events (12 KB of malloc)
         # on every call; a runner watches six fds at most
-        ready = (self._epoll or self._open()).poll(timeout, MAX_EVENTS)
+        ready = self._epoll.poll(timeout, MAX_EVENTS)
         if not ready:
             return
         handlers = self.handlers
@@ -58,5 +52,4 @@ class Poller:
                 handler()
 
     def close(self) -> None:
-        if self._epoll is not None:
-            self._epoll.close()
+        self._epoll.close()

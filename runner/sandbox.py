@@ -62,11 +62,6 @@ class Sandbox:
         if limits.processes:
             self.rlimits.append((resource.RLIMIT_NPROC, (limits.processes, limits.processes)))
 
-    def bind(self, pid: int) -> None:
-        """The process that starts the plugins (the helper checks its parent against it): set
-        by the runner once it runs, since the zygote may have built this object before the fork."""
-        self.helper_args[6] = str(pid)
-
     def spawn(self, argv: list[str], cwd: str, stdin_fd: int, extra_env: dict[str, str]) -> tuple[int, int, int, int]:
         """Start the plugin. Returns (pid, pidfd, stdout_fd, stderr_fd); the read ends block
         (the runner reads them only when epoll finds them readable)."""

@@ -25,14 +25,13 @@ import msgspec
 import runner.main  # noqa: F401 - imported here so every runner shares it
 import runner.warmup
 from runner import linux
-from runner.framing import MAX_FRAME, Channel
-from runner.wire import Exited, Spawn, Spawned, SupervisorToRunner
+from runner.wire import Exited, Spawn, Spawned
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(Spawn).decode
 
 
-def reap_children(sock: socket.socket, kept: dict) -> None:
+def reap_children(sock: socket.socket) -> None:
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
@@ -40,54 +39,25 @@ def reap_children(sock: socket.socket, kept: dict) -> None:
             return
         if pid == 0:
             return
-        kept.pop(pid, None)  # its Runner, built here: free it now that nobody shares its pages
         sock.send(_encode(Exited(pid=pid, status=status)))
 
 
-# The supervisor writes the RunnerConfig into the pipe before it asks for the fork: one that
-# fits in the pipe (64 KiB) is all there; a bigger one is read by the runner itself, so the
-# zygote never waits for anyone.
-CONFIG_WAIT = 0.0
+def spawn_runners(sock: socket.socket, private: list[socket.socket], batch: list[tuple[Spawn, list[int]]]) -> None:
+    """Fork one runner per request, back to back, and answer after the last fork.
 
-
-class Prepared:
-    """One runner about to be forked: its pipes, and the Runner built here from its config."""
-
-    def __init__(self, request: Spawn, rfd: int, wfd: int):
-        self.request = request
-        self.channel = Channel(rfd, wfd, SupervisorToRunner, max_frame=MAX_FRAME)
-        self.runner: runner.main.Runner | None = None
-        cfg, frames = runner.main.read_config(self.channel, CONFIG_WAIT)
-        if cfg is not None:
-            try:
-                self.runner = runner.main.build_runner(self.channel, cfg, frames)
-            except Exception as e:  # noqa: BLE001 - the child tries again, and reports it
-                print(f"zygote: cannot prepare the runner of job {request.job_uuid}: {e}", file=sys.stderr)
-        # the fds this runner owns (its Poller makes its epoll fd only in the child), as
-        # plain ints: after its fork we close ours without touching the objects it shares with us
-        self.fds = [rfd, wfd]
-
-
-def spawn_runners(sock: socket.socket, private: list[socket.socket], batch: list[tuple[Spawn, list[int]]],
-                  kept: dict[int, Prepared]) -> None:
-    """Build each runner here, then fork them back to back and answer after the last fork.
-
-    A Runner built before the fork sits in pages the child shares with us; built in the
-    child, its setup costs each runner about 0.5 MB of private pages. For the same reason we
-    must not write to a runner's objects after its fork, not even a reference count: `kept`
-    holds them, untouched, until that runner exits. Forking a batch with nothing in between
-    but the fork itself also lets runners started together share the pages we write then."""
-    prepared = [Prepared(request, *fds) for request, fds in batch]
+    What the zygote writes after a fork costs that runner a private copy of the page, unless
+    a sibling forked before the write shares it: forking a batch with nothing in between
+    but the fork itself lets runners started together share those pages."""
     gc.freeze()  # what the zygote holds now is shared with the child, not touched by its GC
     zygote = os.getpid()
     pids = []
-    for i, this in enumerate(prepared):
+    for i, (_, (rfd, wfd)) in enumerate(batch):
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
-                for later in prepared[i + 1:]:  # what the runners forked after this one own
-                    for fd in later.fds:
+                for _, later in batch[i + 1:]:  # the pipes of the runners forked after this one
+                    for fd in later:
                         os.close(fd)
                 signal.set_wakeup_fd(-1)
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -96,19 +66,17 @@ def spawn_runners(sock: socket.socket, private: list[socket.socket], batch: list
                     s.close()
                 linux.die_with_parent(zygote)
                 os.setpgid(0, 0)  # the supervisor stops a runner by its process group
-                code = runner.main.serve(this.channel, this.runner)
+                code = runner.main.serve(rfd, wfd)
             except BaseException:  # noqa: BLE001 - a runner must never fall back into the zygote loop
                 import traceback
                 traceback.print_exc()
             finally:
                 os._exit(code)
-        for fd in this.fds:
-            os.close(fd)
+        os.close(rfd)
+        os.close(wfd)
         pids.append(pid)
-    for this, pid in zip(prepared, pids):
-        kept[pid] = this
-    for this, pid in zip(prepared, pids):
-        sock.send(_encode(Spawned(job_uuid=this.request.job_uuid, pid=pid)))
+    for (request, _), pid in zip(batch, pids):
+        sock.send(_encode(Spawned(job_uuid=request.job_uuid, pid=pid)))
 
 
 def main() -> int:
@@ -129,7 +97,6 @@ def main() -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     gc.collect()
     gc.freeze()
-    kept: dict[int, Prepared] = {}  # runner pid -> what was built for it here, until it exits
     while True:
         readable, _, _ = select.select([sock, wake_r], [], [])
         if wake_r in readable:
@@ -138,7 +105,7 @@ def main() -> int:
                     pass
             except BlockingIOError:
                 pass
-            reap_children(sock, kept)
+            reap_children(sock)
         if sock in readable:
             batch: list[tuple[Spawn, list[int]]] = []
             more = True
@@ -161,7 +128,7 @@ def main() -> int:
                     continue
                 batch.append((request, fds))
             if batch:
-                spawn_runners(sock, [wake_r, wake_w], batch, kept)
+                spawn_runners(sock, [wake_r, wake_w], batch)
 
 
 if __name__ == "__main__":

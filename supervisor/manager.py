@@ -246,21 +246,17 @@ class JobManager:
     def spawn_runner(self, rec: RunnerRecord, now: float) -> None:
         to_runner_r, to_runner_w = os.pipe2(os.O_CLOEXEC)
         from_runner_r, from_runner_w = os.pipe2(os.O_CLOEXEC)
-        rec.channel = Channel(from_runner_r, to_runner_w, RunnerToSupervisor, max_frame=MAX_FRAME)
-        # the config is in the pipe before the zygote is asked: it builds the runner from it
-        # before the fork (see runner/zygote.py)
-        self.send(rec, rec.plan)
         try:
             self.zygote.spawn(rec.uuid, [to_runner_r, from_runner_w])
         except OSError as e:
             log.error("cannot ask the zygote for a runner for job %s: %s", rec.uuid, e)
-            self.unflushed.discard(rec)
-            rec.channel.close()
-            rec.channel = None
+            for fd in (to_runner_r, to_runner_w, from_runner_r, from_runner_w):
+                os.close(fd)
             return
-        finally:
-            os.close(to_runner_r)
-            os.close(from_runner_w)
+        os.close(to_runner_r)
+        os.close(from_runner_w)
+        rec.channel = Channel(from_runner_r, to_runner_w, RunnerToSupervisor, max_frame=MAX_FRAME)
+        self.send(rec, rec.plan)
         self.waiting.discard(rec)
         self.selector.register(from_runner_r, selectors.EVENT_READ, lambda: self.read_runner(rec))
         rec.spawning = True
