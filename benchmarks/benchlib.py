@@ -432,10 +432,14 @@ class CpuAcct:
 
 
 def _on_cpu(pid: int) -> float | None:
-    """Seconds on CPU (user+sys) from /proc/PID/schedstat: nanoseconds, not ticks."""
+    """Seconds on CPU (user+sys) of every thread of `pid`, from /proc/PID/task/*/schedstat:
+    nanoseconds, not ticks (/proc/PID/schedstat alone is the main thread's)."""
     try:
-        with open(f"/proc/{pid}/schedstat") as f:
-            return int(f.read().split()[0]) / 1e9
+        total = 0
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        return total / 1e9
     except (OSError, ValueError, IndexError):
         return None
 
