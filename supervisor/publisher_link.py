@@ -34,6 +34,8 @@ def listen_for_results(run_dir: str) -> socket.socket:
     path = os.path.join(run_dir, RESULTS_SOCKET)
     try:
         if stat.S_ISSOCK(os.lstat(path).st_mode):
+            if _answers(path):  # never take another live service's socket away from it
+                raise OSError(f"another service is already listening on {path}")
             os.unlink(path)  # left by an instance that was killed
     except FileNotFoundError:
         pass
@@ -45,6 +47,17 @@ def listen_for_results(run_dir: str) -> socket.socket:
         os.umask(old)
     sock.listen(4096)
     return sock
+
+
+def _answers(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
 
 
 class PublisherLink:

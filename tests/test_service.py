@@ -401,3 +401,18 @@ def test_a_config_larger_than_a_pipe_reaches_the_runner_and_its_plugin(svc, area
     stdin = json.loads((dump / "stdin.json").read_text())
     assert stdin["config"]["big"] == big
     assert all(j["restarts"] == 0 for j in svc.status()["jobs"])
+
+
+@pytest.mark.timeout(60)
+def test_a_second_service_on_the_same_run_dir_refuses_and_takes_nothing_away(svc):
+    doc = spec(plugin="ok", interval="1s")
+    svc.write_spec("job.json", doc)
+    svc.start()
+    svc.wait_result(doc["uuid"])
+    second = subprocess.run([sys.executable, "-m", "supervisor", "run", "--config", str(svc.config)],
+                            capture_output=True, text=True, timeout=30, cwd=Path(__file__).resolve().parents[1])
+    assert second.returncode != 0 and "another service is already listening" in second.stderr, second.stderr
+    assert (svc.root / "run" / "results.sock").exists() and (svc.root / "run" / "control.sock").exists()
+    before = len(svc.results_for(doc["uuid"]))
+    svc.wait_result(doc["uuid"], before + 2, timeout=15)  # the first one still delivers
+    assert svc.status()["pid"] == svc.proc.pid
