@@ -8,7 +8,8 @@ the supervisor across publisher restarts, so a connection made while none runs s
 waits in its backlog. A runner that dies loses only results nobody acknowledged.
 
 Acks are read lazily: before each new result is sent (one non-blocking read, no wake-up of
-their own), and only while the runner is stopping does the socket wake the loop for them.
+their own). The socket wakes the loop for them only while the runner is stopping, or while
+it holds a large result (which would otherwise stay in memory for a whole interval).
 A publisher that went away is therefore noticed at the next result, which is when it
 matters: everything unacknowledged is sent again then.
 """
@@ -26,6 +27,7 @@ from runner.poller import READ, WRITE, Poller
 from runner.wire import Acked, PublisherToRunner, Publish
 
 MAX_UNACKED = 1000  # results held while the publisher is away; past this the oldest go
+LARGE = 64 << 10  # a result this big is not kept until the next run: its ack wakes us
 RECONNECT_MIN = 0.05
 RECONNECT_MAX = 2.0
 
@@ -46,6 +48,7 @@ class ResultLink:
         self._delay = RECONNECT_MIN
         self._events = 0  # what the poller watches for us (0: not registered)
         self._awaiting = False  # stopping: wake up for acks
+        self._large = 0  # unacknowledged results over LARGE: wake up for their acks
         self.dropped = 0
         self.error: str | None = None  # why the last connection attempt or connection failed
 
@@ -78,10 +81,12 @@ class ResultLink:
         if self.channel is not None:
             self.read_acks()  # what came since the last result; notices a publisher that went away
         if len(self.unacked) >= MAX_UNACKED:
-            self.unacked.popitem(last=False)
+            self._forget(next(iter(self.unacked)))
             self.dropped += 1
         payload = _encode(message)
         self.unacked[uuid] = payload
+        if len(payload) > LARGE:
+            self._large += 1
         if self.channel is None:
             self.connect(time.monotonic())  # sends it, with everything else unacknowledged
             return
@@ -108,7 +113,7 @@ class ResultLink:
         for frame in frames:
             if isinstance(frame, Acked):
                 for uuid in frame.uuids:
-                    self.unacked.pop(uuid, None)
+                    self._forget(uuid)
         if self.channel.eof:
             self.disconnect(now, "the publisher closed the connection")
 
@@ -123,8 +128,13 @@ class ResultLink:
         if self.channel is not None:
             self._watch()
 
+    def _forget(self, uuid: str) -> None:
+        payload = self.unacked.pop(uuid, None)
+        if payload is not None and len(payload) > LARGE:
+            self._large -= 1
+
     def _watch(self) -> None:
-        events = (WRITE if self.channel.pending_output else 0) | (READ if self._awaiting else 0)
+        events = (WRITE if self.channel.pending_output else 0) | (READ if self._awaiting or self._large else 0)
         if events == self._events:
             return
         fd = self.channel.rfd
