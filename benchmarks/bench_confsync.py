@@ -147,17 +147,22 @@ def _fork_baseline(n: int) -> float:
     return float(r.stdout.strip())
 
 
-def run(area: Area, jobs: int = 1000, log=print) -> dict:
-    root = area.sub("confsync")
+def service_with_config_service(root, sync_interval: str) -> tuple[_ConfigService, Service]:
+    """A Configuration service of ours, and a service (trivial plugin installed) that syncs with it."""
     server = _ConfigService()
     svc = Service(root, extra_config=f"""
         [configuration]
         url = "{server.url}"
         allow_http = true
-        sync_interval = "1s"
+        sync_interval = "{sync_interval}"
         timeout = "30s"
         """)
     install_plugin(svc.plugins, "trivial", script=SH_PLUGIN)
+    return server, svc
+
+
+def run(area: Area, jobs: int = 1000, log=print) -> dict:
+    server, svc = service_with_config_service(area.sub("confsync"), "1s")
     docs = [job_spec(interval="1h", run_on_start=False, title=f"job {i}") for i in range(jobs)]
     server.publish(docs)
     revision_file = svc.state / "specs" / "http" / "revision"

@@ -15,20 +15,13 @@ import os
 import socket
 import time
 
-from bench_confsync import _ConfigService, _fork_baseline
-from benchlib import SH_PLUGIN, Area, BenchError, Service, install_plugin, job_spec, wait_for
+from bench_confsync import _fork_baseline, service_with_config_service
+from benchlib import Area, BenchError, job_spec, wait_for
 
 
 def run(area: Area, jobs: int = 1000, log=print) -> dict:
     root = area.sub(f"start-{jobs}")
-    server = _ConfigService()
-    svc = Service(root, extra_config=f"""
-        [configuration]
-        url = "{server.url}"
-        allow_http = true
-        sync_interval = "1h"
-        """)
-    install_plugin(svc.plugins, "trivial", script=SH_PLUGIN)
+    server, svc = service_with_config_service(root, "1h")
     server.publish([job_spec(interval="1h", run_on_start=False, title=f"stored job {i}") for i in range(jobs)])
     out: dict = {"jobs": jobs}
     try:

@@ -143,31 +143,29 @@ def bench_spawn(area: Area, args, report: dict) -> None:
                     f"{(total - extra) / base:.2f}x the baseline (measured {total / base:.2f}x)")
 
 
+def measure(report: dict, key: str, title: str, run, fmt=None) -> None:
+    """One benchmark: its section, its numbers in report[key] (or the error), its lines."""
+    section(title)
+    try:
+        r = run()
+    except Exception as e:  # noqa: BLE001 - one failed benchmark must not end the run
+        say(f"  FAILED: {e}")
+        report[key] = {"error": str(e), "traceback": traceback.format_exc()}
+        return
+    report[key] = r
+    if fmt is not None:
+        say(*fmt(r))
+
+
 def bench_memory(area: Area, args, report: dict) -> None:
     import bench_memory as b
-    section("2. idle runner memory (USS) vs a fresh interpreter per job")
-    try:
-        r = b.run(area, jobs=20 if args.quick else 200, log=say)
-    except Exception as e:  # noqa: BLE001
-        say(f"  FAILED: {e}")
-        report["memory"] = {"error": str(e), "traceback": traceback.format_exc()}
-        return
-    report["memory"] = r
-    say(*b.format_result(r))
-
+    measure(report, "memory", "2. idle runner memory (USS) vs a fresh interpreter per job",
+            lambda: b.run(area, jobs=20 if args.quick else 200, log=say), b.format_result)
 
 def bench_latency(area: Area, args, report: dict) -> None:
     import bench_spec_latency as b
-    section("3. spec change latency vs a fresh `python -c pass`")
-    try:
-        r = b.run(area, repeats=5 if args.quick else 10, log=say)
-    except Exception as e:  # noqa: BLE001
-        say(f"  FAILED: {e}")
-        report["spec_latency"] = {"error": str(e), "traceback": traceback.format_exc()}
-        return
-    report["spec_latency"] = r
-    say(*b.format_result(r))
-
+    measure(report, "spec_latency", "3. spec change latency vs a fresh `python -c pass`",
+            lambda: b.run(area, repeats=5 if args.quick else 10, log=say), b.format_result)
 
 def bench_outbox(area: Area, args, report: dict) -> None:
     section("4. outbox (benchmarks/outbox_bench.py)")
@@ -199,42 +197,19 @@ def bench_outbox(area: Area, args, report: dict) -> None:
 
 def bench_confsync(area: Area, args, report: dict) -> None:
     import bench_confsync as b
-    section("5. Configuration service: 1,000-spec snapshot, then a 1-spec delta")
-    try:
-        r = b.run(area, jobs=1000, log=say)
-    except Exception as e:  # noqa: BLE001
-        say(f"  FAILED: {e}")
-        report["confsync"] = {"error": str(e), "traceback": traceback.format_exc()}
-        return
-    report["confsync"] = r
-    say(*b.format_result(r))
-
+    measure(report, "confsync", "5. Configuration service: 1,000-spec snapshot, then a 1-spec delta",
+            lambda: b.run(area, jobs=1000, log=say), b.format_result)
 
 def bench_hub(area: Area, args, report: dict) -> None:
     import bench_hub as b
-    section("6. http sink: outbox -> loopback hub, batched vs one POST per result; memory with 1M pending")
-    try:
-        r = b.run(results=100_000 if args.quick else 200_000, single_window=3.0 if args.quick else 5.0,
-                  pending=1_000_000, log=say)
-    except Exception as e:  # noqa: BLE001
-        say(f"  FAILED: {e}")
-        report["hub"] = {"error": str(e), "traceback": traceback.format_exc()}
-        return
-    report["hub"] = r
-
+    measure(report, "hub", "6. http sink: outbox -> loopback hub, batched vs one POST per result; memory with 1M pending",
+            lambda: b.run(results=100_000 if args.quick else 200_000, single_window=3.0 if args.quick else 5.0,
+                          pending=1_000_000, log=say))
 
 def bench_start(area: Area, args, report: dict) -> None:
     import bench_start as b
-    section("7. start with 1,000 stored specs: to READY, to every runner up")
-    try:
-        r = b.run(area, jobs=200 if args.quick else 1000, log=say)
-    except Exception as e:  # noqa: BLE001
-        say(f"  FAILED: {e}")
-        report["start"] = {"error": str(e), "traceback": traceback.format_exc()}
-        return
-    report["start"] = r
-    say(*b.format_result(r))
-
+    measure(report, "start", "7. start with 1,000 stored specs: to READY, to every runner up",
+            lambda: b.run(area, jobs=200 if args.quick else 1000, log=say), b.format_result)
 
 def format_outbox(r) -> list[str]:
     if not isinstance(r, dict):

@@ -158,9 +158,9 @@ def kill_group(pgid: int, sig: int) -> None:
 
 def sweep_orphans() -> int:
     """Kill and reap everything left behind (we are the child subreaper). Returns how many."""
-    me = os.getpid()
     if not linux.has_children():  # the usual case: one read of /proc, nothing to do
         return 0
+    me = os.getpid()
     killed = 0
     for _ in range(50):  # killing one may re-parent its own children to us; go round again
         children = linux.children_of(me)

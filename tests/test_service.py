@@ -75,11 +75,17 @@ def test_each_kind_of_plugin_yields_one_result_with_the_right_status(svc):
     assert len(uuids) == len(set(uuids))
 
 
-@pytest.mark.timeout(60)
-def test_plugin_gets_the_documented_stdin_and_environment(svc, area):
+def _dump_folder(area) -> Path:
+    """A folder every plugin user may write to, for plugins that dump what they were given."""
     dump = area / "dump"
     dump.mkdir(mode=0o777)
     dump.chmod(0o777)
+    return dump
+
+
+@pytest.mark.timeout(60)
+def test_plugin_gets_the_documented_stdin_and_environment(svc, area):
+    dump = _dump_folder(area)
     make_plugin(svc.plugins, "envdump", f"""
         #!/bin/sh
         cat > {dump}/stdin.json
@@ -382,9 +388,7 @@ def test_the_results_socket_is_ours_alone_and_the_zygote_leaves_nothing_behind(s
 @pytest.mark.timeout(60)
 def test_a_config_larger_than_a_pipe_reaches_the_runner_and_its_plugin(svc, area):
     """A runner's config bigger than its pipe holds (64 KiB) reaches it in pieces, and whole."""
-    dump = area / "dump"
-    dump.mkdir(mode=0o777)
-    dump.chmod(0o777)
+    dump = _dump_folder(area)
     make_plugin(svc.plugins, "stdindump", f"""
         #!/bin/sh
         cat > {dump}/stdin.json

@@ -123,7 +123,7 @@ class PublisherProcess:
         self.runners: set[RunnerConnection] = set()
         self.received: list[tuple[RunnerConnection, Publish]] = []  # read, not yet committed
         self.commit_at = float("inf")
-        self.tallies: dict[str, JobTally] = {}
+        self.tallies: defaultdict[str, JobTally] = defaultdict(JobTally)
         self.digest_due = float("inf")
         self.max_frame = 4 * MAX_FRAME  # a result holds at most a plugin's output limit, JSON-escaped
 
@@ -174,9 +174,17 @@ class PublisherProcess:
                 continue
             conn = RunnerConnection(sock, self.max_frame)
             self.runners.add(conn)
-            self.sel.register(sock, selectors.EVENT_READ, lambda c=conn: self.read_runner(c))
+            self.sel.register(sock, conn.events, lambda c=conn: self.on_runner(c))
 
-    def read_runner(self, conn: RunnerConnection) -> None:
+    def on_runner(self, conn: RunnerConnection) -> None:
+        """A runner's socket is readable (results, or EOF), or has room for acks queued for it."""
+        if conn.channel.pending_output:
+            try:
+                conn.channel.flush()
+            except OSError:
+                self.drop_runner(conn)
+                return
+            self._watch_runner(conn)
         try:
             frames = conn.channel.read()
         except FrameError as e:
@@ -223,10 +231,7 @@ class PublisherProcess:
         acks: dict[RunnerConnection, list[str]] = defaultdict(list)
         for conn, message in batch:
             acks[conn].append(message.last.uuid)
-            tally = self.tallies.get(message.job_uuid)
-            if tally is None:
-                tally = self.tallies[message.job_uuid] = JobTally()
-            tally.add(message)
+            self.tallies[message.job_uuid].add(message)
         for conn, uuids in acks.items():
             if conn in self.runners:
                 self.ack(conn, uuids)
@@ -237,21 +242,15 @@ class PublisherProcess:
         except OSError:  # the runner is gone; what it sent is on disk
             self.drop_runner(conn)
             return
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.channel.pending_output else 0)
-        if events != conn.events:  # a runner that does not read its acks: wait for room, never block
-            conn.events = events
-            self.sel.modify(conn.sock, events, lambda c=conn: self.flush_runner(c))
+        self._watch_runner(conn)
 
-    def flush_runner(self, conn: RunnerConnection) -> None:
-        try:
-            conn.channel.flush()
-        except OSError:
-            self.drop_runner(conn)
-            return
-        if not conn.channel.pending_output and conn.events != selectors.EVENT_READ:
-            conn.events = selectors.EVENT_READ
-            self.sel.modify(conn.sock, conn.events, lambda c=conn: self.read_runner(c))
-        self.read_runner(conn)
+    def _watch_runner(self, conn: RunnerConnection) -> None:
+        """Wait for room in a runner's socket only while acks are queued for it (a runner
+        reads them lazily: we never block on one)."""
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.channel.pending_output else 0)
+        if events != conn.events:
+            conn.events = events
+            self.sel.modify(conn.sock, events, self.sel.get_key(conn.sock).data)
 
     def send_stats_when_due(self) -> None:
         """Every second (with the sink cursors saved), and soon after a commit."""
@@ -272,7 +271,7 @@ class PublisherProcess:
     def stats(self) -> PublisherStats:
         outbox = self.outbox.stats()
         jobs = [tally.digest(job) for job, tally in self.tallies.items()]
-        self.tallies = {}
+        self.tallies.clear()
         return PublisherStats(
             outbox_results=outbox["outbox_results"], outbox_bytes=outbox["outbox_bytes"],
             dropped=outbox["dropped"], sinks=[w.stats(outbox["sinks"][w.name]) for w in self.workers], jobs=jobs)
