@@ -67,16 +67,37 @@ class PluginStore(Strict):
     max_size: Size = Size(64 << 20)
 
 
+DEFAULT_NATS_SUBJECT = "assessment.results.{runtime_uuid}"
+NATS_SUBJECT_FIELDS = ("runtime_uuid", "job_uuid", "status")
+
+
 class Sink(Strict):
     name: Name
-    kind: Literal["http", "file"]
-    url: str | None = None
+    kind: Literal["http", "file", "ccf", "nats"]
+    url: str | list[str] | None = None  # a list only for nats: servers tried in turn
     path: str | None = None
     token_file: str | None = None
     ca_file: str | None = None
     allow_http: bool = False
     timeout: Duration = Duration(10)
     retry_max: Duration = Duration(300)  # beyond SPEC §3: the cap of the retry backoff (README)
+    # ccf: agent credentials
+    client_id: str | None = None
+    client_secret_file: str | None = None
+    # nats
+    subject: str = DEFAULT_NATS_SUBJECT
+    user: str | None = None
+    password_file: str | None = None
+    allow_plain: bool = False
+
+    @property
+    def urls(self) -> list[str]:
+        return [] if self.url is None else [self.url] if isinstance(self.url, str) else list(self.url)
+
+    def secret_files(self) -> list[tuple[str, str]]:
+        """(key, path) of each secret file this sink reads: owner-only, checked before `run` starts."""
+        keys = ("token_file", "client_secret_file", "password_file")
+        return [(k, getattr(self, k)) for k in keys if getattr(self, k)]
 
 
 class Publisher(Strict):
@@ -138,7 +159,9 @@ def _absolute_paths(config: Config, base: str) -> Config:
     def fix(p: str | None) -> str | None:
         return None if p is None else os.path.normpath(os.path.join(base, p))
 
-    sinks = [msgspec.structs.replace(s, path=fix(s.path), token_file=fix(s.token_file), ca_file=fix(s.ca_file))
+    sinks = [msgspec.structs.replace(s, path=fix(s.path), token_file=fix(s.token_file), ca_file=fix(s.ca_file),
+                                     client_secret_file=fix(s.client_secret_file),
+                                     password_file=fix(s.password_file))
              for s in config.publisher.sink]
     configuration = config.configuration and msgspec.structs.replace(
         config.configuration, token_file=fix(config.configuration.token_file), ca_file=fix(config.configuration.ca_file))
@@ -165,12 +188,7 @@ def _check(config: Config, path: str) -> None:
         if sink.name in names:
             raise ConfigError(f"{where}.name: duplicate sink name {sink.name!r}")
         names.add(sink.name)
-        if sink.kind == "file" and not sink.path:
-            raise ConfigError(f"{where}.path: required for a file sink")
-        if sink.kind == "http":
-            if not sink.url:
-                raise ConfigError(f"{where}.url: required for an http sink")
-            _check_url(sink.url, sink.allow_http, f"{where}.url")
+        _check_sink(sink, where, f"publisher.sink[{i}]")
     if config.configuration is not None:
         _check_url(config.configuration.url, config.configuration.allow_http, f"{path}: key configuration.url")
     positive = [("jobs.resync_interval", config.jobs.resync_interval), ("jobs.default_timeout", config.jobs.default_timeout),
@@ -192,6 +210,77 @@ def _check(config: Config, path: str) -> None:
             raise ConfigError(f"{path}: key runtime_uuid: not a UUID: {config.runtime_uuid!r}") from None
 
 
+def _check_sink(sink: Sink, where: str, key: str) -> None:
+    """What each kind of sink needs; `where` is "FILE: key publisher.sink[i]", `key` the last part."""
+    defaults = Sink(name="x", kind=sink.kind)
+    only = {"nats": ("subject", "user", "password_file", "allow_plain"), "ccf": ("client_id", "client_secret_file")}
+    for kind, keys in only.items():
+        for k in keys:
+            if sink.kind != kind and getattr(sink, k) != getattr(defaults, k):
+                raise ConfigError(f"{where}.{k}: only for a {kind} sink")
+    if sink.kind == "file":
+        if not sink.path:
+            raise ConfigError(f"{where}.path: required for a file sink")
+        return
+    if not sink.url:
+        raise ConfigError(f"{where}.url: required for {'an' if sink.kind == 'http' else 'a'} {sink.kind} sink")
+    if sink.kind in ("http", "ccf"):
+        if not isinstance(sink.url, str):
+            raise ConfigError(f"{where}.url: one URL for {'an' if sink.kind == 'http' else 'a'} {sink.kind} sink, "
+                              f"not a list")
+        _check_url(sink.url, sink.allow_http, f"{where}.url")
+    if sink.kind == "ccf":
+        if (sink.client_id is None) != (sink.client_secret_file is None):
+            missing = "client_secret_file" if sink.client_secret_file is None else "client_id"
+            raise ConfigError(f"{where}.{missing}: client_id and client_secret_file go together")
+        if sink.client_id is not None and (not sink.client_id or ":" in sink.client_id
+                                           or not sink.client_id.isprintable()):
+            raise ConfigError(f"{where}.client_id: not a usable client id (empty, or holds ':' or control "
+                              f"characters): {sink.client_id!r}")
+        if sink.client_id and sink.token_file:
+            raise ConfigError(f"{where}.token_file: set either token_file or client_id, not both")
+    if sink.kind == "nats":
+        for i, url in enumerate(sink.urls):
+            _check_nats_url(url, sink.allow_plain, f"{where}.url" + (f"[{i}]" if isinstance(sink.url, list) else ""),
+                            f"{key}.allow_plain")
+        if sink.token_file and (sink.user or sink.password_file):
+            raise ConfigError(f"{where}.token_file: set either token_file or user and password_file, not both")
+        if (sink.user is None) != (sink.password_file is None):
+            missing = "password_file" if sink.password_file is None else "user"
+            raise ConfigError(f"{where}.{missing}: user and password_file go together")
+        _check_nats_subject(sink.subject, f"{where}.subject")
+
+
+def _check_nats_url(url: str, allow_plain: bool, where: str, plain_key: str) -> None:
+    import urllib.parse
+
+    scheme, _, rest = url.partition("://")
+    if scheme not in ("nats", "tls") or not rest:
+        raise ConfigError(f"{where}: expected tls://host:port (or nats://host:port), got {url!r}")
+    try:
+        parsed = urllib.parse.urlsplit(url)
+        parsed.port
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}: {url!r}") from None
+    if not parsed.hostname or parsed.path not in ("", "/") or parsed.query or parsed.username:
+        raise ConfigError(f"{where}: expected tls://host:port (credentials go in token_file or user and "
+                          f"password_file), got {url!r}")
+    if scheme == "nats" and not allow_plain:
+        raise ConfigError(f"{where}: nats:// (no TLS) is refused unless {plain_key} = true: {url}")
+
+
+def _check_nats_subject(subject: str, where: str) -> None:
+    try:
+        filled = subject.format(**{k: "x" for k in NATS_SUBJECT_FIELDS})
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConfigError(f"{where}: {subject!r}: only {{runtime_uuid}}, {{job_uuid}} and {{status}} can be "
+                          f"filled in ({type(e).__name__}: {e})") from None
+    tokens = filled.split(".")
+    if not filled or any(not t or t in ("*", ">") or any(c.isspace() or c in "*>" for c in t) for t in tokens):
+        raise ConfigError(f"{where}: {subject!r} is not a NATS subject to publish to (dot-separated tokens, "
+                          f"no spaces or wildcards)")
+
+
 def _check_url(url: str, allow_http: bool, where: str) -> None:
     if url.startswith("https://"):
         return
@@ -203,7 +292,8 @@ def _check_url(url: str, allow_http: bool, where: str) -> None:
 
 
 def check_token_file(path: str, key: str) -> str:
-    """Read a bearer token from a file that only its owner can read; ConfigError otherwise."""
+    """Read a secret (a token, a password) from a file that only its owner can read, surrounding
+    whitespace stripped; ConfigError otherwise."""
     try:
         st = os.stat(path)
         if st.st_mode & 0o077:
@@ -220,24 +310,23 @@ def check_token_file(path: str, key: str) -> str:
 
 def check_sink_files(config: Config, path: str) -> None:
     """What `run` checks before it starts (not every command: `status` may run as a user
-    who cannot read the token): each http sink's token_file (owner-only, a bearer token)
-    and ca_file (loads as CA certificates). ConfigError names the file and the key."""
+    who cannot read the secrets): each sink's secret files (owner-only, not empty; a token
+    holds only visible ASCII) and ca_file (loads as CA certificates). ConfigError names the
+    file and the key."""
     import re
     import ssl
 
     for i, sink in enumerate(config.publisher.sink):
-        if sink.kind != "http":
-            continue
         key = f"publisher.sink[{i}]"
-        if sink.token_file:
+        for name, secret_file in sink.secret_files():
             try:
-                token = check_token_file(sink.token_file, f"{key}.token_file")
+                secret = check_token_file(secret_file, f"{key}.{name}")
             except ConfigError as e:
                 raise ConfigError(f"{path}: {e}") from None
-            if not re.fullmatch(r"[\x21-\x7e]+", token):
-                raise ConfigError(f"{path}: key {key}.token_file: {sink.token_file} holds characters a bearer "
+            if name == "token_file" and not re.fullmatch(r"[\x21-\x7e]+", secret):
+                raise ConfigError(f"{path}: key {key}.{name}: {secret_file} holds characters a bearer "
                                   f"token cannot have (only visible ASCII, no spaces)")
-        if sink.ca_file and sink.url and sink.url.startswith("https://"):
+        if sink.ca_file and any(u.startswith(("https://", "tls://")) for u in sink.urls):
             try:
                 ssl.create_default_context(cafile=sink.ca_file)
             except (OSError, ssl.SSLError, ValueError) as e:
