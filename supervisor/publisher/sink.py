@@ -80,6 +80,12 @@ def make_sink(config_sink: SinkConfig, state_dir: str, key: str = "publisher.sin
         return FileSink(config_sink)
     if config_sink.kind == "http":
         return HttpSink(config_sink, state_dir, key)
+    if config_sink.kind == "ccf":
+        from supervisor.publisher.ccf import CcfSink
+        return CcfSink(config_sink, state_dir, key)
+    if config_sink.kind == "nats":
+        from supervisor.publisher.jetstream import JetStreamSink
+        return JetStreamSink(config_sink, state_dir, key)
     raise ValueError(f"unknown sink kind {config_sink.kind!r}")
 
 
@@ -420,22 +426,7 @@ class HttpSink:
         401/403/404/405: a wrong token or url). Raises
         _Retryable for everything else."""
         body = b"[" + b",".join(encoded[a:b]) + b"]"
-        for attempt in (1, 2):
-            timeout = self.timeout
-            if deadline is not None:
-                timeout = max(MIN_REQUEST_TIMEOUT, min(timeout, deadline - time.monotonic()))
-            try:
-                resp = self._manager().request(
-                    "POST", self.url, body=body, headers=headers, redirect=False, retries=False,
-                    timeout=urllib3.Timeout(connect=timeout, read=timeout), preload_content=False)
-            except urllib3.exceptions.ProtocolError as e:
-                # A kept-alive connection the hub had closed: try once more at once, on a new one.
-                if attempt == 1:
-                    continue
-                raise _Retryable(f"POST {self.url}: {_describe(e, timeout)}") from None
-            except (urllib3.exceptions.HTTPError, OSError) as e:
-                raise _Retryable(f"POST {self.url}: {_describe(e, timeout)}") from None
-            break
+        resp = self._send(self.url, body, headers, deadline)
         status = resp.status
         try:
             if 200 <= status < 300:
@@ -443,15 +434,41 @@ class HttpSink:
             head = _read_some(resp, DEAD_LETTER_BODY)
             if 400 <= status < 500 and status not in RETRIED_4XX:
                 return True, status, head
-            why = f"HTTP {status} from {self.url}" + (f": {_snippet(head)}" if head else "")
-            if 300 <= status < 400:
-                why += " (redirects are not followed: set the sink's url to the final address)"
-            elif status in WRONG_TOKEN_OR_URL:
-                why += " (a wrong token or url: retried, never dead-lettered)"
-            retry_after = parse_retry_after(resp.headers.get("Retry-After"))
-            raise _Retryable(why, retry_after)
+            raise self._retryable(resp, head, self.url)
         finally:
             _finish(resp)
+
+    def _send(self, url: str, body: bytes, headers: dict[str, str], deadline: float | None):
+        """POST once (twice when a kept-alive connection turns out closed); the answer, its body
+        unread (the caller ends with _finish). Raises _Retryable when there is no answer."""
+        for attempt in (1, 2):
+            timeout = self.timeout
+            if deadline is not None:
+                timeout = max(MIN_REQUEST_TIMEOUT, min(timeout, deadline - time.monotonic()))
+            try:
+                return self._manager().request(
+                    "POST", url, body=body, headers=headers, redirect=False, retries=False,
+                    timeout=urllib3.Timeout(connect=timeout, read=timeout), preload_content=False)
+            except urllib3.exceptions.ProtocolError as e:
+                # A kept-alive connection the hub had closed: try once more at once, on a new one.
+                if attempt == 1:
+                    continue
+                raise _Retryable(f"POST {url}: {_describe(e, timeout)}") from None
+            except (urllib3.exceptions.HTTPError, OSError) as e:
+                raise _Retryable(f"POST {url}: {_describe(e, timeout)}") from None
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _retryable(resp, head: bytes, url: str) -> _Retryable:
+        """The failure for an answer that is retried: names the status, the first of its body and,
+        for a redirect or a wrong token or url, what to do."""
+        status = resp.status
+        why = f"HTTP {status} from {url}" + (f": {_snippet(head)}" if head else "")
+        if 300 <= status < 400:
+            why += " (redirects are not followed: set the sink's url to the final address)"
+        elif status in WRONG_TOKEN_OR_URL:
+            why += " (a wrong token or url: retried, never dead-lettered)"
+        return _Retryable(why, parse_retry_after(resp.headers.get("Retry-After")))
 
     def close(self) -> None:
         if self._pool is not None:
