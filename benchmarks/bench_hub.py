@@ -68,10 +68,10 @@ def make_payloads(count: int) -> list[bytes]:
     return [encode(msgspec.structs.replace(template, uuid=f"{base}{i:012x}")) for i in range(count)]
 
 
-def fill_outbox(folder: str, count: int, chunk: int = 20_000) -> float:
+def fill_outbox(folder: str, count: int, chunk: int = 20_000, sink: str = "hub") -> float:
     """Write `count` results into a new outbox, group commits of `chunk`; returns seconds."""
     started = time.monotonic()
-    with Outbox(folder, OUTBOX_MAX, sinks=["hub"]) as box:
+    with Outbox(folder, OUTBOX_MAX, sinks=[sink]) as box:
         for start in range(0, count, chunk):
             box.append_many(make_payloads(min(chunk, count - start)))
     return time.monotonic() - started
@@ -133,7 +133,7 @@ class CheapHub:
 # -- a publisher process driven like the supervisor drives it ---------------------------------------
 
 class PublisherProc:
-    def __init__(self, state_dir: str, url: str, batch_max: int, log_path: str):
+    def __init__(self, state_dir: str, url: str, batch_max: int, log_path: str, sink: Sink | None = None):
         to_r, to_w = os.pipe()
         from_r, from_w = os.pipe()
         os.makedirs(os.path.join(state_dir, "run"), exist_ok=True)
@@ -146,7 +146,8 @@ class PublisherProc:
         os.close(to_r)
         os.close(from_w)
         self.channel = Channel(from_r, to_w, decode_type=PublisherToSupervisor, enc_hook=enc_hook)
-        sink = Sink(name="hub", kind="http", url=url, allow_http=True, timeout=Duration(10), retry_max=Duration(1))
+        sink = sink or Sink(name="hub", kind="http", url=url, allow_http=True, timeout=Duration(10),
+                            retry_max=Duration(1))
         config = Publisher(outbox_max=Size(OUTBOX_MAX), batch_max=batch_max, flush_interval=Duration(1), sink=[sink])
         self.channel.send(PublisherSettings(
             state_dir=state_dir, log_level="warning",

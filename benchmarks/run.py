@@ -20,6 +20,9 @@ Benchmarks:
   hub        the http sink: results/s from the outbox to a loopback hub (batched vs one POST per
              result), and the publisher's memory with 1 million results pending (bench_hub.py)
   start      1,000 stored specs, Configuration service down: start to READY=1, to every runner up
+  sinks      the ccf sink (evidence/s to a loopback CCF stand-in, vs a bare urllib3 POST loop) and
+             the nats sink (a 50,000-result backlog drained into JetStream, vs a bare socket
+             loop publishing the same messages) (bench_sinks.py)
 
 The summary ends with the per-job cost table (issue 9): each figure, ours, the baseline
 measured in the same run, the ratio, and the target.
@@ -46,7 +49,7 @@ if str(HERE) not in sys.path:
 import benchlib  # noqa: E402
 from benchlib import IS_ROOT, PYTHON, RUN_AS_USER, SH_PLUGIN, Area, compile_c_plugin  # noqa: E402
 
-ALL = ("per-run", "spawn", "memory", "latency", "outbox", "confsync", "hub", "start")
+ALL = ("per-run", "spawn", "memory", "latency", "outbox", "confsync", "hub", "start", "sinks")
 
 
 def say(*lines: str) -> None:
@@ -211,6 +214,12 @@ def bench_start(area: Area, args, report: dict) -> None:
     measure(report, "start", "7. start with 1,000 stored specs: to READY, to every runner up",
             lambda: b.run(area, jobs=200 if args.quick else 1000, log=say), b.format_result)
 
+def bench_sinks(area: Area, args, report: dict) -> None:
+    import bench_sinks as b
+    measure(report, "sinks", "8. ccf and nats sinks: evidence/s to a CCF stand-in, a backlog drained into JetStream",
+            lambda: b.run(ccf=2_000 if args.quick else 5_000, nats=20_000 if args.quick else 50_000, log=say))
+
+
 def format_outbox(r) -> list[str]:
     if not isinstance(r, dict):
         return [f"  {r!r}"]
@@ -280,6 +289,13 @@ def summary(report: dict) -> list[str]:
     if t and "ready_s" in t:
         lines.append(f"  {'start ' + str(t['jobs']) + ' stored':<18} READY {1000 * t['ready_s']:.0f} ms, all runners up "
                      f"{1000 * t['all_running_s']:.0f} ms ({t['ratio_running_to_fork_baseline']:.2f}x {t['jobs']} forks)")
+    for kind, unit, target in (("ccf", "evidence/s", "500/s"), ("nats", "results/s", "10,000/s")):
+        r = (report.get("sinks") or {}).get(kind)
+        if isinstance(r, dict) and "per_s" in r:
+            lines.append(f"  {kind + ' sink':<18} {r['per_s']:,} {unit} (target >= {target}) -> {r['ratio_to_bare']}x "
+                         f"a bare loop of the same requests ({r['bare_per_s']:,}/s)")
+        elif isinstance(r, dict) and "error" in r:
+            lines.append(f"  {kind + ' sink':<18} FAILED: {r['error']}")
     o = report.get("outbox")
     if isinstance(o, dict) and isinstance(o.get("cases"), list):
         ratios = [c.get("ratio") for c in o["cases"] if isinstance(c, dict) and "ratio" in c]
@@ -355,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
             say(f"cannot run: we are root and user {RUN_AS_USER!r} does not exist")
             return 1
     steps = {"per-run": bench_per_run, "spawn": bench_spawn, "memory": bench_memory, "latency": bench_latency,
-             "outbox": bench_outbox, "confsync": bench_confsync, "hub": bench_hub, "start": bench_start}
+             "outbox": bench_outbox, "confsync": bench_confsync, "hub": bench_hub, "start": bench_start,
+             "sinks": bench_sinks}
     chosen = args.only or list(ALL)
     area = Area()
     code = 0
@@ -387,6 +404,7 @@ def failed(report: dict) -> bool:
     parts = list(report.get("per_run", [])) + [report.get(k) for k in ("memory", "spec_latency", "outbox", "confsync", "hub",
                                                                        "start")]
     parts += list(report.get("spawn_paths", {}).values())
+    parts += list((report.get("sinks") or {}).values()) if isinstance(report.get("sinks"), dict) else []
     return any(isinstance(p, dict) and "error" in p for p in parts)
 
 
