@@ -175,6 +175,7 @@ class NatsClient:
         if self._sock is None:
             raise NatsError("not connected")
         try:
+            self._sock.settimeout(self.timeout)  # reads leave a shorter one behind
             self._sock.sendall(data)
         except (OSError, ssl.SSLError) as e:
             raise NatsError(f"connection lost while sending: {_oserror(e)}") from None
