@@ -92,7 +92,8 @@ class JetStreamSink:
             if self.client.connected:
                 try:
                     self.client.service_idle()
-                except (NatsError, TimeoutError):
+                except (NatsError, TimeoutError) as e:
+                    log.debug("sink %s: the connection to %s ended while idle (%s): connecting again", self.name, self.client.url, e or type(e).__name__)
                     self.client.close()  # closed while we were idle: not a failure, a new connection
             if not self.client.connected:
                 self._connect()

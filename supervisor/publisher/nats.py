@@ -200,18 +200,17 @@ class NatsClient:
         """Between uses: answer the PINGs that came, and notice a connection the server closed."""
         if self._sock is None:
             return
-        while self._buf or self._readable():
-            if not self._buf:
-                self._fill(time.monotonic() + self.timeout)
+        while CRLF in self._buf or self._readable():
             if CRLF not in self._buf:
-                return
-            op, rest = self._read_op(time.monotonic() + self.timeout)
-            if op == b"MSG" or op == b"HMSG":
+                self._fill(time.monotonic() + self.timeout)
+                continue
+            op, rest = self._read_op(time.monotonic() + self.timeout, answer_ping=False)
+            if op == b"PING":
+                self._send(b"PONG\r\n")
+            elif op == b"MSG" or op == b"HMSG":
                 self._read_msg(op, rest, time.monotonic() + self.timeout)  # a late answer: dropped
             elif op == b"INFO":
                 self.info = self._parse_info(rest)
-            elif op not in (b"PONG", b"+OK"):
-                raise NatsError(f"unexpected {_show(op + b' ' + rest)}")
 
     def _readable(self) -> bool:
         if isinstance(self._sock, ssl.SSLSocket) and self._sock.pending():
@@ -219,18 +218,19 @@ class NatsClient:
         r, _, _ = select.select([self._sock], [], [], 0)
         return bool(r)
 
-    def _read_op(self, deadline: float) -> tuple[bytes, bytes]:
-        """The next operation the caller must see (PING is answered here, -ERR raised)."""
+    def _read_op(self, deadline: float, answer_ping: bool = True) -> tuple[bytes, bytes]:
+        """The next operation the caller must see (a PING is answered here unless asked not to;
+        -ERR is raised)."""
         while True:
             line = self._read_line(deadline)
             op, _, rest = line.partition(b" ")
             op = op.upper()
-            if op == b"PING":
+            if op == b"PING" and answer_ping:
                 self._send(b"PONG\r\n")
                 continue
             if op == b"-ERR":
                 raise NatsError(f"server error: {rest.decode('utf-8', 'replace').strip()[:300]}")
-            if op not in (b"MSG", b"HMSG", b"INFO", b"PONG", b"+OK"):
+            if op not in (b"MSG", b"HMSG", b"INFO", b"PING", b"PONG", b"+OK"):
                 raise NatsError(f"not the NATS protocol: {_show(line)}")
             return op, rest
 
