@@ -359,7 +359,7 @@ class Runner:
         self.results.publish(run.uuid, Publish(
             job_uuid=cfg.job_uuid, last=LastResult(run.uuid, status, reason, result.end),
             duration=time.monotonic() - run.start_mono, next_run_at=None if self.stopping else self.next_run_at,
-            result=msgspec.Raw(_encoder.encode(result))))
+            result=msgspec.Raw(_encoder.encode(result)), job_revision=cfg.revision, job_title=cfg.title))
 
     @staticmethod
     def _error_logs(run: Run) -> list[dict]:

@@ -128,6 +128,8 @@ class Publish(msgspec.Struct, tag=True):
     duration: float
     next_run_at: float | None
     result: msgspec.Raw  # an AttestationResult, msgpack
+    job_revision: str = ""
+    job_title: str | None = None  # the spec's, which a plugin may have replaced in the result (ccf needs it)
 
 
 class Acked(msgspec.Struct, tag=True):

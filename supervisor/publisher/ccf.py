@@ -28,8 +28,7 @@ from supervisor import __version__
 from supervisor.config import ConfigError, Sink as SinkConfig, check_token_file
 from supervisor.publisher import sink as http
 from supervisor.publisher.sink import DEAD_LETTER_BODY, DeliveryError, HttpSink, _Retryable
-from supervisor.spec import canonical_json, revision_of
-from supervisor.store import SOURCES
+from supervisor.files import write_atomic
 
 log = logging.getLogger("publisher")
 
@@ -39,7 +38,8 @@ TOKEN_ANSWER_MAX = 65536
 TOKEN_MARGIN = 60.0  # a token is renewed this long before it expires...
 TOKEN_SHORT = 120.0  # ...unless its lifetime is under this: then at half of it
 SKEW_RETRY_MAX = 3600.0  # a host clock further ahead than this is retried at this pace
-TITLES_CACHED = 4096
+TITLES_FILE = "job-titles.json"
+TITLES_KEPT = 20_000  # job revisions; far more than results can be pending for
 
 
 class AgentToken(msgspec.Struct):
@@ -48,42 +48,42 @@ class AgentToken(msgspec.Struct):
     token_type: str = "Bearer"
 
 
-class _StoredSpec(msgspec.Struct):
-    spec: msgspec.Raw
-
-
 class JobTitles:
-    """The job's title for `description` and the activity: a plugin may set the result's own
-    title, so the job's is read from the spec store (state_dir/specs/<source>/<uuid>.json) for
-    the revision that ran. None when the store no longer holds that revision."""
+    """Each job revision's title, for `description` and the activity: a plugin may give its
+    result a title of its own, and by the time a result is delivered its spec may have changed
+    or gone. The publisher notes the title with each result it commits (runners send it along)
+    and keeps the map in state_dir/job-titles.json, written before the results it names are
+    in the outbox, so a restarted publisher still knows the titles of what is pending."""
 
     def __init__(self, state_dir: str):
-        self.folder = os.path.join(state_dir, "specs")
-        self._cache: dict[tuple[str, str], str | None] = {}
+        self.path = os.path.join(state_dir, TITLES_FILE)
+        self.titles: dict[str, str | None] = {}
+        try:
+            with open(self.path, "rb") as f:
+                self.titles = msgspec.json.decode(f.read(), type=dict[str, str | None])
+        except FileNotFoundError:
+            pass
+        except (OSError, msgspec.DecodeError, msgspec.ValidationError) as e:
+            log.warning("%s is unreadable (%s): results pending from before take their own titles", self.path, e)
+
+    def note(self, batch) -> None:
+        """Learn the titles of a batch of Publish frames; written once any is new."""
+        new = False
+        for message in batch:
+            key = f"{message.job_uuid} {message.job_revision}"
+            if key not in self.titles:
+                self.titles[key] = message.job_title
+                new = True
+        if new:
+            while len(self.titles) > TITLES_KEPT:  # the oldest first: a dict keeps insertion order
+                del self.titles[next(iter(self.titles))]
+            try:
+                write_atomic(self.path, msgspec.json.encode(self.titles), 0o600)
+            except OSError as e:  # known in memory still; lost only if the publisher restarts too
+                log.warning("cannot write %s: %s", self.path, e)
 
     def get(self, job_uuid: object, revision: object) -> str | None:
-        if not isinstance(job_uuid, str) or not isinstance(revision, str):
-            return None
-        key = (job_uuid, revision)
-        if key not in self._cache:
-            if len(self._cache) >= TITLES_CACHED:
-                self._cache.clear()
-            self._cache[key] = self._read(job_uuid, revision)
-        return self._cache[key]
-
-    def _read(self, job_uuid: str, revision: str) -> str | None:
-        if http.dead_letter_name(job_uuid) != job_uuid:
-            return None  # not a plain file name: never a path into the store
-        for source in SOURCES:
-            try:
-                with open(os.path.join(self.folder, source, f"{job_uuid}.json"), "rb") as f:
-                    doc = msgspec.json.decode(msgspec.json.decode(f.read(), type=_StoredSpec).spec)
-            except (OSError, msgspec.DecodeError, msgspec.ValidationError):
-                continue
-            if isinstance(doc, dict) and revision_of(canonical_json(doc)) == revision:
-                title = doc.get("title")
-                return title if isinstance(title, str) else None
-        return None
+        return self.titles.get(f"{job_uuid} {revision}")
 
 
 def stream_uuid(runtime_uuid: str, job_uuid: str) -> str:
@@ -174,14 +174,15 @@ def _first(item: object, keys: tuple[str, ...]) -> str | None:
 class CcfSink(HttpSink):
     kind = "ccf"
 
-    def __init__(self, config_sink: SinkConfig, state_dir: str, key: str = "publisher.sink"):
+    def __init__(self, config_sink: SinkConfig, state_dir: str, key: str = "publisher.sink",
+                 titles: JobTitles | None = None):
         self.client_id = config_sink.client_id
         self.client_secret_file = config_sink.client_secret_file
         base = config_sink.url.rstrip("/")
         self.evidence_url = base + EVIDENCE_PATH
         self.token_url = base + TOKEN_PATH
         self.hostname = os.uname().nodename
-        self.titles = JobTitles(state_dir)
+        self.titles = titles or JobTitles(state_dir)
         self._agent_authorization: str | None = None
         self._renew_at = 0.0
         super().__init__(config_sink, state_dir, key)
@@ -257,10 +258,8 @@ class CcfSink(HttpSink):
         try:
             head = http._read_some(resp, TOKEN_ANSWER_MAX)
             if not 200 <= resp.status < 300:
-                failure = self._retryable(resp, head, self.token_url)
-                if resp.status in (401, 403):
-                    failure.args = (f"{failure} (the agent token: a wrong client_id or client_secret_file?)",)
-                raise failure
+                hint = "a wrong client_id or client_secret_file? retried" if resp.status in (401, 403) else None
+                raise self._retryable(resp, head, f"{self.token_url} (the agent token)", hint)
         finally:
             http._finish(resp)
         try:

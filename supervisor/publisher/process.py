@@ -111,8 +111,13 @@ class PublisherProcess:
                              sinks=[s.name for s in config.sink])
         self.batch_max = config.batch_max
         self.wakeup = threading.Condition()
-        self.workers = [SinkWorker(make_sink(s, settings.state_dir, f"publisher.sink[{i}]"), self.outbox,
-                                   self.wakeup, config.batch_max, config.flush_interval, float(s.retry_max))
+        self.job_titles = None  # a ccf sink needs each job's own title
+        if any(s.kind == "ccf" for s in config.sink):
+            from supervisor.publisher.ccf import JobTitles
+            self.job_titles = JobTitles(settings.state_dir)
+        self.workers = [SinkWorker(make_sink(s, settings.state_dir, f"publisher.sink[{i}]", self.job_titles),
+                                   self.outbox, self.wakeup, config.batch_max, config.flush_interval,
+                                   float(s.retry_max))
                         for i, s in enumerate(config.sink)]
         self.sel = selectors.DefaultSelector()
         self.signals: list[int] = []
@@ -218,6 +223,8 @@ class PublisherProcess:
         """One append and fsync for everything read; then each runner hears which are safe."""
         batch, self.received, self.commit_at = self.received, [], float("inf")
         try:
+            if self.job_titles is not None:
+                self.job_titles.note(message for _, message in batch)
             self.outbox.append_many([message.result for _, message in batch])
         except OSError as e:
             # Nothing of this batch is acknowledged; the runners send it again to the next publisher.

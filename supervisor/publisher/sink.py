@@ -74,15 +74,16 @@ class ResultSink(Protocol):
     def close(self) -> None: ...
 
 
-def make_sink(config_sink: SinkConfig, state_dir: str, key: str = "publisher.sink") -> ResultSink:
-    """`key` names the sink's table in the config file (publisher.sink[i]) for error messages."""
+def make_sink(config_sink: SinkConfig, state_dir: str, key: str = "publisher.sink", titles=None) -> ResultSink:
+    """`key` names the sink's table in the config file (publisher.sink[i]) for error messages;
+    `titles`: the publisher's ccf.JobTitles (a ccf sink reads job titles from it)."""
     if config_sink.kind == "file":
         return FileSink(config_sink)
     if config_sink.kind == "http":
         return HttpSink(config_sink, state_dir, key)
     if config_sink.kind == "ccf":
         from supervisor.publisher.ccf import CcfSink
-        return CcfSink(config_sink, state_dir, key)
+        return CcfSink(config_sink, state_dir, key, titles)
     if config_sink.kind == "nats":
         from supervisor.publisher.jetstream import JetStreamSink
         return JetStreamSink(config_sink, state_dir, key)
@@ -459,12 +460,14 @@ class HttpSink:
         raise AssertionError("unreachable")
 
     @staticmethod
-    def _retryable(resp, head: bytes, url: str) -> _Retryable:
+    def _retryable(resp, head: bytes, url: str, hint: str | None = None) -> _Retryable:
         """The failure for an answer that is retried: names the status, the first of its body and,
-        for a redirect or a wrong token or url, what to do."""
+        for a redirect or a wrong token or url, what to do (`hint`, when the caller knows better)."""
         status = resp.status
         why = f"HTTP {status} from {url}" + (f": {_snippet(head)}" if head else "")
-        if 300 <= status < 400:
+        if hint:
+            why += f" ({hint})"
+        elif 300 <= status < 400:
             why += " (redirects are not followed: set the sink's url to the final address)"
         elif status in WRONG_TOKEN_OR_URL:
             why += " (a wrong token or url: retried, never dead-lettered)"
