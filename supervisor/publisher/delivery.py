@@ -76,13 +76,22 @@ class SinkWorker:
         self.thread = threading.Thread(target=self.run, name=f"sink {self.name}", daemon=True)
 
     def run(self) -> None:
+        idle = getattr(self.sink, "idle", None)  # a sink with a connection to keep (nats: PINGs)
         while True:
-            if not self.wait_for_batch():
+            due = self.wait_for_batch(idle is not None)
+            if due is None:
+                try:
+                    idle()
+                except Exception as e:  # noqa: BLE001 - the next delivery finds it again, and says so
+                    log.debug("sink %s: while idle: %s", self.name, e)
+                continue
+            if not due:
                 return
             self.deliver_batch()
 
-    def wait_for_batch(self) -> bool:
-        """Block until a batch is due; False when it is time to leave."""
+    def wait_for_batch(self, tick: bool = False) -> bool | None:
+        """Block until a batch is due; False when it is time to leave; None (with `tick`) after an
+        idle wait with nothing to deliver."""
         with self.wakeup:
             while True:
                 now = time.monotonic()
@@ -99,6 +108,8 @@ class SinkWorker:
                     if stopping:
                         return False  # drained
                     self.wakeup.wait(max(self.flush_interval, IDLE_WAIT_MIN))  # a commit notifies us sooner
+                    if tick and self.outbox.pending(self.name) == 0:
+                        return None
                     continue
                 # A paced sink (the file) waits for its flush timer or a full batch; the others
                 # deliver as soon as there is work: what arrives during one delivery is the

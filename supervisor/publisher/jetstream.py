@@ -26,6 +26,9 @@ from supervisor.publisher.sink import DEAD_LETTER_DIR, DeadLetters, DeliveryErro
 log = logging.getLogger("publisher")
 
 _SUBJECT_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+# JetStream errors about one message that no retry changes: dead letters (SPEC §7 "refusals of
+# one message"). 10054: larger than the stream's max_msg_size.
+REFUSED_FOR_GOOD = frozenset({10054})
 HEADER_ROOM = 64  # the header block around Nats-Msg-Id, counted against the server's max_payload
 
 
@@ -71,6 +74,7 @@ class JetStreamSink:
                                  name=f"assessment-runtime {os.uname().nodename}")
         self._inbox = f"_INBOX.{os.urandom(8).hex()}"
         self._batch = 0
+        self._quiet_reconnect = False  # a connection the server dropped while idle: no news
         self._decoder = msgspec.msgpack.Decoder()
         self._route = msgspec.msgpack.Decoder(_Route)
         self._encoder = msgspec.json.Encoder()
@@ -93,8 +97,10 @@ class JetStreamSink:
                 try:
                     self.client.service_idle()
                 except (NatsError, TimeoutError) as e:
-                    log.debug("sink %s: the connection to %s ended while idle (%s): connecting again", self.name, self.client.url, e or type(e).__name__)
-                    self.client.close()  # closed while we were idle: not a failure, a new connection
+                    log.debug("sink %s: the connection to %s ended while idle (%s): connecting again",
+                              self.name, self.client.url, e or type(e).__name__)
+                    self.client.close()
+                    self._quiet_reconnect = True  # closed while we were idle: not a failure, a new connection
             if not self.client.connected:
                 self._connect()
         except NatsError as e:
@@ -102,10 +108,11 @@ class JetStreamSink:
             raise DeliveryError(str(e)) from None
         messages, refused = self._messages(payloads, self.client.info.max_payload)
         try:
-            acked, failure = self._publish(messages, refused, deadline)
+            acked, failure, silent = self._publish(messages, refused, deadline)
         except NatsError as e:
-            self.client.close()  # the next delivery connects to the next URL
-            acked, failure = set(), f"{self.client.url}: {e}"
+            acked, failure, silent = set(), f"{self.client.url}: {e}", True
+        if silent:
+            self.client.close()  # lost, or no answer: the next delivery connects to the next URL
         done = 0
         while done < len(payloads) and (done in refused or done in acked):
             done += 1
@@ -148,12 +155,16 @@ class JetStreamSink:
         self._credentials()  # a secret file problem is said once, not once per URL
         self.client.connect()
         self.client.subscribe(f"{self._inbox}.>")
-        log.info("sink %s: connected to %s (nats-server %s)", self.name, self.client.url, self.client.info.version)
+        log.log(logging.DEBUG if self._quiet_reconnect else logging.INFO, "sink %s: connected to %s (nats-server %s)",
+                self.name, self.client.url, self.client.info.version)
+        self._quiet_reconnect = False
 
     def _publish(self, messages: list, refused: dict[int, str],
-                 deadline: float | None) -> tuple[set[int], str | None]:
+                 deadline: float | None) -> tuple[set[int], str | None, bool]:
         """Publish every message not refused; read PubAcks until all are in or none comes for
-        `timeout`. Returns the indexes acknowledged, and the first failure (None if none)."""
+        `timeout`. Returns the indexes acknowledged, the first failure (None if none), and
+        whether the server fell silent. A message JetStream refuses for good (over the stream's
+        maximum size) is added to `refused`."""
         self._batch += 1
         prefix = f"{self._inbox}.{self._batch}."
         frames = bytearray()
@@ -167,6 +178,7 @@ class JetStreamSink:
         self.client.send(frames)
         acked: set[int] = set()
         failures: dict[int, str] = {}
+        silent = False
         wait = self.timeout if deadline is None else max(0.1, min(self.timeout, deadline - time.monotonic()))
         until = time.monotonic() + wait
         while waiting:
@@ -174,6 +186,7 @@ class JetStreamSink:
             if msg is None:
                 first = min(waiting)
                 failures[first] = f"no PubAck within {wait:g}s (subject {messages[first][1]})"
+                silent = True
                 break
             if not msg.subject.startswith(prefix):
                 continue  # a late answer to an earlier batch
@@ -182,33 +195,48 @@ class JetStreamSink:
                 continue
             waiting.discard(i)
             until = time.monotonic() + wait  # time out on silence, not on a big batch
-            problem = self._ack_problem(msg, messages[i][1])
+            problem, for_good = self._ack_problem(msg, messages[i][1])
             if problem is None:
                 acked.add(i)
+            elif for_good:
+                refused[i] = problem
             else:
                 failures[i] = problem
         if not failures:
-            return acked, None
+            return acked, None, silent
         not_taken = len(failures) + len(waiting) - (1 if min(failures) in waiting else 0)
         return acked, f"{self.client.url}: {failures[min(failures)]}" + (
-            f" ({not_taken} of {len(messages)} not taken)" if not_taken > 1 else "")
+            f" ({not_taken} of {len(messages)} not taken)" if not_taken > 1 else ""), silent
 
-    def _ack_problem(self, msg, subject: str) -> str | None:
+    def _ack_problem(self, msg, subject: str) -> tuple[str | None, bool]:
+        """What is wrong with this answer (None: a good PubAck), and whether it is a refusal of
+        this message for good (a dead letter) rather than a failure to retry."""
         if msg.status is not None and msg.status >= 300:
             if msg.status == 503:
                 return (f"no responders for subject {subject}: no JetStream stream takes it "
-                        f"(create one whose subjects match it)")
-            return f"status {msg.status} {msg.description}".strip()
+                        f"(create one whose subjects match it)"), False
+            return f"status {msg.status} {msg.description}".strip(), False
         try:
             ack = self._ack.decode(msg.payload)
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
-            return f"a malformed PubAck ({e}): {msg.payload[:200]!r}"
+            return f"a malformed PubAck ({e}): {msg.payload[:200]!r}", False
         if ack.error is not None:
-            return f"JetStream refused the message: {ack.error.description or 'error'} " \
-                   f"(code {ack.error.code}, err_code {ack.error.err_code}; subject {subject})"
+            why = (f"JetStream refused the message: {ack.error.description or 'error'} "
+                   f"(code {ack.error.code}, err_code {ack.error.err_code}; subject {subject})")
+            return why, ack.error.err_code in REFUSED_FOR_GOOD
         if not ack.stream or ack.seq is None:
-            return f"a malformed PubAck (no stream or seq): {msg.payload[:200]!r}"
-        return None
+            return f"a malformed PubAck (no stream or seq): {msg.payload[:200]!r}", False
+        return None, False
+
+    def idle(self) -> None:
+        """Between deliveries (about once a second): answer the server's PINGs, so an idle
+        connection is not dropped as stale."""
+        if self.client.connected:
+            try:
+                self.client.service_idle()
+            except (NatsError, TimeoutError):
+                self.client.close()
+                self._quiet_reconnect = True
 
     def close(self) -> None:
         self.client.close()
