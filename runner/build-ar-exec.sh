@@ -5,7 +5,13 @@
 set -e
 out=$1
 src=${2:-$(dirname "$0")/ar_exec.c}
+# control-flow protection is spelt per architecture (gcc refuses -fcf-protection off x86)
+case $(${CC:-cc} -dumpmachine) in
+x86_64*) cfi=-fcf-protection ;;
+aarch64*) cfi=-mbranch-protection=standard ;;
+*) cfi= ;;
+esac
 ${CC:-cc} -O2 -Wall -Wextra -Werror -static -nostdlib -ffreestanding -fno-builtin -fno-stack-protector \
-    -fno-asynchronous-unwind-tables -fcf-protection -Wl,-z,noexecstack -Wl,--build-id=sha1 -s \
+    -fno-asynchronous-unwind-tables $cfi -Wl,-z,noexecstack -Wl,--build-id=sha1 -s \
     -ffile-prefix-map="$(dirname "$src")"=. -o "$out.tmp" "$src"
 mv "$out.tmp" "$out"

@@ -27,8 +27,9 @@ from runner.selfpipe import SelfPipe
 from runner.plugin import PluginError, PluginResolver
 from runner.protocol import (OutputError, StdinTemplate, failure_reason, iso_time, new_uuid,
                              parse_assessment_output, parse_nagios_output)
-from runner.sandbox import (HELPER_FAILURE, PLUGIN_PATH, Sandbox, SpawnError, cgroup_counters, kill_cgroup, kill_group,
-                            sweep_orphans)
+from runner.jobcgroup import cgroup_counters, kill_cgroup
+from runner.landlock import Confine
+from runner.sandbox import HELPER_FAILURE, PLUGIN_PATH, Sandbox, SpawnError, kill_group, sweep_orphans
 from runner.results import ResultLink
 from runner.units import format_duration
 from runner.wire import (AttestationResult, LastResult, PluginInfo, Publish, RunnerConfig, RunnerState, RunNow,
@@ -88,7 +89,8 @@ class Runner:
         self.sandbox = Sandbox(cfg.limits, cfg.run_as, {
             "PATH": PLUGIN_PATH, "LANG": "C.UTF-8",
             "ASSESSMENT_JOB_UUID": cfg.job_uuid, "ASSESSMENT_RUNTIME_UUID": cfg.runtime_uuid,
-        }, cgroup=cfg.cgroup, cgroup_controllers=tuple(cfg.cgroup_controllers))
+        }, cgroup=cfg.cgroup, cgroup_controllers=tuple(cfg.cgroup_controllers),
+            confine=Confine(tuple(cfg.write_paths)) if cfg.confine else None, capabilities=tuple(cfg.capabilities))
         self.stdin = StdinTemplate(cfg.job_json, cfg.config_json)
         self.nagios_args = self._nagios_args()
         self.poller = Poller()
@@ -272,7 +274,7 @@ class Runner:
                 os.lseek(stdin_fd, 0, os.SEEK_SET)
                 before = time.time_ns()
                 run.pid, run.pidfd, run.out_fd, run.err_fd = self.sandbox.spawn(
-                    argv, scratch, stdin_fd, {"ASSESSMENT_RUN_UUID": run.uuid})
+                    argv, scratch, stdin_fd, {"ASSESSMENT_RUN_UUID": run.uuid}, network=plugin.manifest.network)
             finally:
                 os.close(stdin_fd)
             # anything this plugin changes in scratch gets a later ctime than `empty` has

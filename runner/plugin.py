@@ -51,6 +51,7 @@ class Manifest(msgspec.Struct):
     entrypoint: str
     protocol: Literal["assessment/1", "nagios"]
     description: str = ""
+    network: bool = False  # true: TCP bind and connect are allowed under confinement (SPEC §6)
 
 
 class ResolvedPlugin(msgspec.Struct):
@@ -337,7 +338,7 @@ def list_plugins(plugin_dirs: list[str], allowed_uids: frozenset[int] | None = N
                 if not os.path.lexists(manifest_path):
                     continue
                 item = {"name": name, "version": version, "protocol": None, "sha256": None, "error": None,
-                        "path": manifest_path, "description": ""}
+                        "path": manifest_path, "description": "", "network": False}
                 if not (valid_name(name) and valid_name(version)):
                     item["error"] = "invalid plugin name or version: folder names must match " \
                                     "^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$"
@@ -347,13 +348,14 @@ def list_plugins(plugin_dirs: list[str], allowed_uids: frozenset[int] | None = N
                 try:
                     plugin, digest = resolver.resolve()
                     item.update(protocol=plugin.manifest.protocol, sha256=digest, path=plugin.path,
-                                description=plugin.manifest.description)
+                                description=plugin.manifest.description, network=plugin.manifest.network)
                 except PluginError as e:
                     item["error"] = e.reason
                     manifest = _peek_manifest(manifest_path)
                     if manifest is not None:
                         item.update(protocol=manifest.get("protocol"),
-                                    description=manifest.get("description") or "")
+                                    description=manifest.get("description") or "",
+                                    network=manifest.get("network") is True)
                         if isinstance(manifest.get("entrypoint"), str) \
                                 and _valid_entrypoint(manifest["entrypoint"]):
                             item["path"] = os.path.join(folder, manifest["entrypoint"])

@@ -10,7 +10,8 @@ import os
 import resource
 import signal
 
-from runner import linux
+from runner import landlock, linux
+from runner.landlock import Confine
 from runner.wire import RunLimits
 
 PLUGIN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -32,12 +33,21 @@ class Sandbox:
     posix_spawn (vfork-style) of the helper, which applies limits and credentials and execs
     the plugin: no copy of the runner's pages per run. Without it, the same steps run in a
     forked child of the runner.
+
+    `confine`: Landlock for every run (runner/landlock.py), None for none. `capabilities`:
+    capability numbers each run gets as ambient capabilities on its own uid, with the
+    bounding set cut down to them (SPEC §6 Identity).
     """
 
     def __init__(self, limits: RunLimits, run_as: tuple[int, int] | None, env_base: dict[str, str],
-                 helper: str | None = HELPER, cgroup: str | None = None, cgroup_controllers: tuple[str, ...] = ()):
+                 helper: str | None = HELPER, cgroup: str | None = None, cgroup_controllers: tuple[str, ...] = (),
+                 *, confine: Confine | None = None, capabilities: tuple[int, ...] = ()):
         self.run_as = run_as
         self.cgroup = cgroup
+        self.confine = confine
+        if any(not 0 <= cap < 64 for cap in capabilities):
+            raise ValueError(f"capabilities: numbers from 0 to 63 are needed, got {capabilities!r}")
+        self.grant = sum(1 << cap for cap in set(capabilities))  # a bit mask
         # a cgroup's memory.max and pids.max replace RLIMIT_AS (virtual memory, too strict for
         # some runtimes) and RLIMIT_NPROC (counted per user, not per run)
         if "memory" in cgroup_controllers:
@@ -50,6 +60,12 @@ class Sandbox:
         self.helper_args = [str(v) for v in (
             run_as[0] if run_as else -1, run_as[1] if run_as else -1, limits.memory or -1, cpu,
             limits.open_files or -1, limits.processes or -1, os.getpid(), cgroup or "-")]
+        # CONFINE without and with network, and CAPS (runner/ar_exec.c)
+        self.confine_args = ("-", "-") if confine is None else (
+            landlock.helper_arg(confine.write_paths, False), landlock.helper_arg(confine.write_paths, True))
+        self.caps_arg = ",".join(str(cap) for cap in sorted(set(capabilities))) or "-"
+        if self.helper is None and (confine is not None or self.grant):
+            landlock.abi()  # ctypes set up once here, not in each forked child
         self.rlimits: list[tuple[int, tuple[int, int]]] = [(resource.RLIMIT_CORE, (0, 0))]
         if limits.memory:
             self.rlimits.append((resource.RLIMIT_AS, (limits.memory, limits.memory)))
@@ -62,20 +78,24 @@ class Sandbox:
         if limits.processes:
             self.rlimits.append((resource.RLIMIT_NPROC, (limits.processes, limits.processes)))
 
-    def spawn(self, argv: list[str], cwd: str, stdin_fd: int, extra_env: dict[str, str]) -> tuple[int, int, int, int]:
+    def spawn(self, argv: list[str], cwd: str, stdin_fd: int, extra_env: dict[str, str],
+              network: bool | None = None) -> tuple[int, int, int, int]:
         """Start the plugin. Returns (pid, pidfd, stdout_fd, stderr_fd); the read ends block
-        (the runner reads them only when epoll finds them readable)."""
+        (the runner reads them only when epoll finds them readable). `network`: whether this
+        run may use TCP under confinement (its plugin.toml); None: as `confine` says."""
         env = dict(self.env_base)
         env.update(extra_env)
         env["HOME"] = cwd
+        if network is None:
+            network = self.confine is not None and self.confine.network
         if self.helper is not None:
-            return self._spawn_helper(argv, cwd, stdin_fd, env)
+            return self._spawn_helper(argv, cwd, stdin_fd, env, self.confine_args[network])
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         errpipe_r, errpipe_w = os.pipe2(os.O_CLOEXEC)
         pid = os.fork()
         if pid == 0:  # child: never returns
-            self._exec_child(argv, cwd, env, stdin_fd, out_w, err_w, errpipe_w)
+            self._exec_child(argv, cwd, env, stdin_fd, out_w, err_w, errpipe_w, network)
         os.close(out_w)
         os.close(err_w)
         os.close(errpipe_w)
@@ -88,12 +108,13 @@ class Sandbox:
             raise SpawnError(failure.decode(errors="replace"))
         return pid, os.pidfd_open(pid), out_r, err_r
 
-    def _spawn_helper(self, argv: list[str], cwd: str, stdin_fd: int, env: dict[str, str]) -> tuple[int, int, int, int]:
+    def _spawn_helper(self, argv: list[str], cwd: str, stdin_fd: int, env: dict[str, str],
+                      confine: str) -> tuple[int, int, int, int]:
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         try:
             pid = os.posix_spawn(
-                self.helper, [self.helper, *self.helper_args, cwd, "--", *argv], env,
+                self.helper, [self.helper, *self.helper_args, cwd, confine, self.caps_arg, "--", *argv], env,
                 file_actions=[(os.POSIX_SPAWN_DUP2, stdin_fd, 0), (os.POSIX_SPAWN_DUP2, out_w, 1),
                               (os.POSIX_SPAWN_DUP2, err_w, 2)],
                 setsid=True, setsigdef=_SPAWN_SIGDEF, setsigmask=())
@@ -106,7 +127,8 @@ class Sandbox:
             os.close(err_w)
         return pid, os.pidfd_open(pid), out_r, err_r
 
-    def _exec_child(self, argv, cwd, env, stdin_fd, out_w, err_w, errpipe_w) -> None:
+    def _exec_child(self, argv, cwd, env, stdin_fd, out_w, err_w, errpipe_w, network) -> None:
+        # the same steps in the same order as runner/ar_exec.c
         step = "setsid"
         try:
             os.setsid()  # a new session: the plugin and its group can be killed as one
@@ -121,21 +143,38 @@ class Sandbox:
             signal.pthread_sigmask(signal.SIG_SETMASK, [])
             if self.cgroup is not None:
                 step = "join cgroup"
-                with open(os.path.join(self.cgroup, "cgroup.procs"), "w") as f:
-                    f.write("0")
+                for cgroup in filter(None, self.cgroup.split(":")):  # one per v1 hierarchy
+                    with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
+                        f.write("0")
+            ruleset = -1
+            if self.confine is not None:
+                # while root, and before RLIMIT_NOFILE: it opens the paths
+                step = "landlock"
+                ruleset = landlock.ruleset(cwd, self.confine.write_paths, network)
             step = "umask"
             os.umask(0o077)
             step = "rlimits"
             for which, value in self.rlimits:
                 resource.setrlimit(which, value)
+            if self.grant:  # only with a grant, as in ar_exec.c (why there)
+                step = "drop capabilities"
+                landlock.trim_bounding_set(self.grant)
             if self.run_as is not None:
                 step = f"switch to uid {self.run_as[0]}"
+                if self.grant:
+                    landlock.keep_capabilities()
                 os.setgroups([])
                 os.setgid(self.run_as[1])
                 os.setuid(self.run_as[0])
+            if self.grant:
+                step = "capabilities"
+                landlock.grant_capabilities(self.grant)
             step = "no_new_privs"
             linux.set_no_new_privs()
-            # after any uid change (a change of credentials clears it)
+            step = "landlock restrict"
+            landlock.restrict_self(ruleset)
+            # after every credential change (each clears it)
+            step = "pdeathsig"
             linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
             step = "chdir"
             os.chdir(cwd)
@@ -143,7 +182,10 @@ class Sandbox:
             os.execve(argv[0], argv, env)
         except BaseException as e:  # noqa: BLE001 - anything here must reach the parent
             try:
-                reason = f"{step}: {e.strerror if isinstance(e, OSError) and e.strerror else e}"
+                if isinstance(e, landlock.Failure):
+                    reason = str(e)  # names its step and path, as ar-exec does
+                else:
+                    reason = f"{step}: {e.strerror if isinstance(e, OSError) and e.strerror else e}"
                 os.write(errpipe_w, reason.encode()[:4000])
             finally:
                 os._exit(127)
@@ -193,44 +235,3 @@ def reap_all() -> int:
         n += 1
 
 
-def cgroup_counters(cgroup: str | None) -> tuple[int, int]:
-    """(oom kills, fork refusals) so far in a job's cgroup: compared before and after a run."""
-    if cgroup is None:
-        return 0, 0
-    return _event(cgroup, "memory.events", b"oom_kill"), _event(cgroup, "pids.events", b"max")
-
-
-def _event(cgroup: str, name: str, key: bytes) -> int:
-    try:
-        with open(os.path.join(cgroup, name), "rb") as f:
-            for line in f:
-                k, _, v = line.partition(b" ")
-                if k == key:
-                    return int(v)
-    except (OSError, ValueError):
-        pass
-    return 0
-
-
-def kill_cgroup(cgroup: str | None) -> None:
-    """SIGKILL everything in the job's cgroup (cgroup.kill, or one by one on older kernels)."""
-    if cgroup is None:
-        return
-    try:
-        with open(os.path.join(cgroup, "cgroup.kill"), "w") as f:
-            f.write("1")
-        return
-    except FileNotFoundError:
-        pass
-    except OSError:
-        return
-    try:
-        with open(os.path.join(cgroup, "cgroup.procs"), "rb") as f:
-            pids = [int(x) for x in f.read().split()]
-    except OSError:
-        return
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass

@@ -80,8 +80,11 @@ class RunnerConfig(msgspec.Struct, tag=True):
     run_as: tuple[int, int] | None  # (uid, gid) for plugins when we are root
     plugin_note: str | None = None  # why a url plugin may be missing; added to "plugin not found"
     download_error_file: str | None = None  # where the supervisor keeps the last download error
-    cgroup: str | None = None  # the job's cgroup v2 folder, when cgroups are in use
+    cgroup: str | None = None  # the job's cgroup folder (v2), or its ':'-joined folders (v1 memory, pids)
     cgroup_controllers: list[str] = []  # controllers enabled there: their limits replace rlimits
+    confine: bool = True  # Landlock, where the kernel has it
+    write_paths: list[str] = []  # beyond the scratch folder, under confinement (jobs.plugin_write_paths)
+    capabilities: list[int] = []  # ambient capabilities for the plugin (jobs.plugin_capabilities)
     publisher_socket: str = ""  # where results go (the publisher's listening Unix socket)
     log_format: str = "text"
     log_level: str = "info"
