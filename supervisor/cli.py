@@ -134,30 +134,36 @@ def cmd_plugins(args) -> int:
     from runner.plugin import list_plugins
 
     config = load_config(config_path(args.config))
-    rows = [("NAME", "VERSION", "PROTOCOL", "SHA256", "PATH")]
+    rows = [("NAME", "VERSION", "PROTOCOL", "NETWORK", "SHA256", "PATH")]
     for p in list_plugins(config.plugin_dirs):
-        rows.append((p["name"], p["version"], p.get("protocol") or "-",
+        rows.append((p["name"], p["version"], p.get("protocol") or "-", "yes" if p.get("network") else "no",
                      p.get("sha256") or f"error: {p.get('error')}", p.get("path") or "-"))
     print(_table(rows))
     return 0
 
 
 def render_status(doc: dict) -> str:
+    sandbox = doc.get("sandbox") or {}
+    confined = [k for k, on in (sandbox.get("confine") or {}).items() if on]
     lines = [f"assessment-runtime {doc['version']}  pid {doc['pid']}  runtime {doc['runtime_uuid']}",
-             f"started {doc['started_at']}", ""]
+             f"started {doc['started_at']}",
+             f"sandbox: cgroup {sandbox.get('cgroup', '-')}, Landlock ABI {sandbox.get('landlock_abi', 0)} "
+             f"(confines: {', '.join(confined).replace('_', ' ') or 'nothing'}), "
+             f"user per job: {'yes' if sandbox.get('user_per_job') else 'no'}", ""]
     lines.append("SOURCES")
     rows = [("KIND", "LOCATION", "REVISION", "LAST SUCCESS", "FAILURES", "LAST ERROR")]
     for s in doc["sources"]:
         rows.append((s["kind"], s["location"], s["revision"] or "-", s["last_success"] or "never",
                      str(s["consecutive_failures"]), s["last_error"] or "-"))
     lines += [_table(rows), "", "JOBS"]
-    rows = [("UUID", "TITLE", "PLUGIN", "STATE", "PID", "RUNS", "RESTARTS", "NEXT RUN", "LAST RESULT")]
+    rows = [("UUID", "TITLE", "PLUGIN", "STATE", "PID", "UID", "RUNS", "RESTARTS", "NEXT RUN", "LAST RESULT")]
     for j in doc["jobs"]:
         last = j["last_result"]
         last_text = "-" if not last else last["status"] + (f" ({last['reason']})" if last.get("reason") else "")
         next_run = "-" if j["next_run_in"] is None else f"{j['next_run_in']:.1f}s"
         rows.append((j["uuid"], j["title"] or "-", j["plugin"] or "-", j["state"], str(j["pid"] or "-"),
-                     str(j["runs"]), str(j["restarts"]), next_run, last_text))
+                     str(j["uid"] if j.get("uid") is not None else "-"), str(j["runs"]), str(j["restarts"]),
+                     next_run, last_text))
     lines.append(_table(rows))
     if doc["rejected"]:
         lines += ["", "REJECTED SPECS"]

@@ -52,9 +52,21 @@ class Jobs(Strict):
     default_timeout: Duration = Duration(60)
     stop_grace: Duration = Duration(5)
     run_as_user: str = "assessment-runtime"
+    user_per_job: bool = True  # root only: each job's plugin runs as a uid/gid of its own from uid_range
+    uid_range: str = "61184-65519"
+    confine: bool = True  # Landlock where the kernel has it
     require_sha256: bool = False
     # local exceptions to run_as_user, by plugin "name" or "name@version" (never from a spec)
     plugin_users: dict[str, str] = {}
+    # local grants, by plugin "name" or "name@version" (never from a spec): more write paths under
+    # confinement, and ambient capabilities (SPEC §6)
+    plugin_write_paths: dict[str, list[str]] = {}
+    plugin_capabilities: dict[str, list[str]] = {}
+
+    def id_range(self) -> tuple[int, int]:
+        """uid_range as (first, last); checked by load_config."""
+        first, _, last = self.uid_range.partition("-")
+        return int(first), int(last)
     default_limits: DefaultLimits = msgspec.field(default_factory=DefaultLimits)
 
 
@@ -203,11 +215,37 @@ def _check(config: Config, path: str) -> None:
     for key, value in positive:
         if value is not None and value <= 0:
             raise ConfigError(f"{path}: key {key}: must be greater than 0")
+    _check_isolation(config.jobs, path)
     if config.runtime_uuid is not None:
         try:
             uuidlib.UUID(config.runtime_uuid)
         except ValueError:
             raise ConfigError(f"{path}: key runtime_uuid: not a UUID: {config.runtime_uuid!r}") from None
+
+
+# SPEC §6: the only capabilities a plugin may be given (by number, as the kernel counts them)
+GRANTABLE_CAPABILITIES = {"CAP_DAC_READ_SEARCH": 2, "CAP_NET_ADMIN": 12, "CAP_NET_RAW": 13,
+                          "CAP_SYS_PTRACE": 19, "CAP_AUDIT_READ": 37}
+ID_MAX = 2**31 - 2  # uids above this are not usable everywhere (and 2**32-1 is "none")
+
+
+def _check_isolation(jobs: Jobs, path: str) -> None:
+    import re
+
+    m = re.fullmatch(r"(\d{1,10})-(\d{1,10})", jobs.uid_range)
+    if not m or not 1000 <= int(m.group(1)) <= int(m.group(2)) <= ID_MAX:
+        raise ConfigError(f"{path}: key jobs.uid_range: expected FIRST-LAST with 1000 <= FIRST <= LAST <= {ID_MAX} "
+                          f"(like systemd's DynamicUser range 61184-65519), got {jobs.uid_range!r}")
+    for plugin, paths in jobs.plugin_write_paths.items():
+        for i, p in enumerate(paths):
+            if not os.path.isabs(p) or ":" in p or "\n" in p or os.path.normpath(p) == "/":
+                raise ConfigError(f"{path}: key jobs.plugin_write_paths.{plugin}[{i}]: an absolute path other than / "
+                                  f"without ':' is needed, got {p!r}")
+    for plugin, caps in jobs.plugin_capabilities.items():
+        for i, cap in enumerate(caps):
+            if cap not in GRANTABLE_CAPABILITIES:
+                raise ConfigError(f"{path}: key jobs.plugin_capabilities.{plugin}[{i}]: {cap!r} cannot be granted; "
+                                  f"only {', '.join(sorted(GRANTABLE_CAPABILITIES))}")
 
 
 def _check_sink(sink: Sink, where: str, key: str) -> None:

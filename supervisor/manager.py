@@ -27,10 +27,10 @@ from runner.framing import MAX_FRAME, Channel, FrameError
 from runner.wire import (Exited, JobDigest, PluginInfo, RunLimits, RunnerConfig, RunnerState, RunNow,
                          RunnerToSupervisor, Spawn, Spawned, ZygoteToSupervisor)
 from supervisor.cgroups import CgroupTree
-from supervisor.config import Config
+from supervisor.config import GRANTABLE_CAPABILITIES, Config
 from supervisor.downloads import downloads_dir, error_file
 from supervisor.spec import Spec
-from supervisor.users import PluginUsers
+from supervisor.users import PluginUsers, for_plugin
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def splay_of(uuid: str, interval: float) -> float:
 
 
 def runner_config(spec: Spec, config: Config, runtime_uuid: str, users: PluginUsers, cgroups: CgroupTree,
-                  publisher_socket: str) -> RunnerConfig:
+                  publisher_socket: str, job_uid: int | None = None) -> RunnerConfig:
     """Everything a runner needs, resolved here once: effective limits, timeout, splay."""
     job = spec.job
     limits = config.jobs.default_limits.lowered_by(job.limits)
@@ -73,9 +73,13 @@ def runner_config(spec: Spec, config: Config, runtime_uuid: str, users: PluginUs
                          open_files=limits.open_files, processes=limits.processes,
                          output=int(limits.output or config.jobs.default_limits.output)),
         scratch_dir=os.path.join(config.state_dir, "scratch", job.uuid),
-        run_as=users.for_plugin(job.plugin.name, job.plugin.version),
+        run_as=users.for_plugin(job.plugin.name, job.plugin.version, job_uid),
         cgroup=cgroups.job_cgroup(job.uuid, _plain(limits.memory, int), limits.processes),
         cgroup_controllers=list(cgroups.controllers),
+        confine=config.jobs.confine,
+        write_paths=list(for_plugin(config.jobs.plugin_write_paths, job.plugin.name, job.plugin.version)),
+        capabilities=sorted({GRANTABLE_CAPABILITIES[c] for c in for_plugin(
+            config.jobs.plugin_capabilities, job.plugin.name, job.plugin.version)}),
         log_format=config.log_format, log_level=config.log_level, publisher_socket=publisher_socket)
 
 

@@ -18,6 +18,7 @@ import os
 import re
 import resource
 import selectors
+import shutil
 import signal
 import time
 from typing import TYPE_CHECKING
@@ -26,6 +27,7 @@ import msgspec
 
 from supervisor.log import setup_logging
 from runner.protocol import iso_time
+from runner import landlock
 from runner.selfpipe import SelfPipe
 from runner.units import enc_hook
 from runner.wire import PublisherSettings, PublisherStats
@@ -39,6 +41,7 @@ from supervisor.folder import FolderWatcher, read_specs_folder
 from supervisor.manager import JobManager, ZygoteLink, backoff_delay, runner_config
 from supervisor.metrics import Metrics
 from supervisor.notify import Notifier
+from supervisor.identities import Identities
 from supervisor.users import resolve_plugin_users
 from supervisor.store import Rejection, SpecStore
 
@@ -101,6 +104,7 @@ class Service:
         self.metrics = Metrics()
         self.notifier = Notifier.from_environ()  # systemd: READY/STATUS/WATCHDOG/STOPPING
         self.cgroups = CgroupTree()
+        self.identities: Identities | None = None  # root with user_per_job: each job's own uid
         self.downloader: Downloader | None = None
         self.zygote = ZygoteLink()
         self.manager = JobManager(self.selector, self.zygote)
@@ -128,6 +132,10 @@ class Service:
                 raise ConfigError(f"{self.config_file}: cannot create {folder}: {e.strerror}") from None
         os.chmod(scratch, 0o711)
         self.runtime_uuid = load_runtime_uuid(cfg)
+        self.identities = self.make_identities(cfg)
+        self.landlock_abi = landlock.abi()
+        if cfg.jobs.confine and self.landlock_abi == 0:
+            log.warning("this kernel has no Landlock: plugins run unconfined (jobs.confine is on)")
         _raise_fd_limit()
         self.store = SpecStore(cfg.state_dir)
         self.store.load()
@@ -135,7 +143,7 @@ class Service:
         # signals arrive through a self-pipe and are handled in the loop, never in the handler
         self.self_pipe = SelfPipe((signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD), self.signals)
         self.selector.register(self.self_pipe.reader, selectors.EVENT_READ, self.self_pipe.drain)
-        self.cgroups.setup()  # before any child: they inherit our (leaf) cgroup
+        self.cgroups.setup(self.runtime_uuid)  # before any child: they inherit our (leaf) cgroup
         self.zygote.start()
         self.selector.register(self.zygote.sock, selectors.EVENT_READ, self.read_zygote)
         self.publisher.listen(cfg.run_dir)  # before any runner: they connect to it
@@ -350,15 +358,45 @@ class Service:
         if self.zygote.sock is None:
             return
         socket_path = self.publisher.socket_path
+        uids: dict[str, int] = {}
+        if self.identities is not None:
+            uids = self.identities.assign(specs)
+            for uuid in [u for u in specs if u not in uids]:
+                del specs[uuid]
+                self.rejected.append(Rejection(uuid, "runtime", f"no free uid left in jobs.uid_range "
+                                                                f"{self.config.jobs.uid_range}"))
         desired = {uuid: (spec, runner_config(spec, self.config, self.runtime_uuid, self.users, self.cgroups,
-                                              socket_path))
+                                              socket_path, uids.get(uuid)))
                    for uuid, spec in specs.items()}
         self.manager.manage_runners(desired, now)
         if self.zygote.pending or self.zygote.gone:
             self.read_zygote()  # answers read aside while spawning
         if self.downloader is not None:
             self.downloader.want(specs)
-        self.cgroups.prune({uuid for uuid, rec in self.manager.runners.items() if rec.alive} | set(desired))
+        self.release_jobs({uuid for uuid, rec in self.manager.runners.items() if rec.alive} | set(desired))
+
+    def release_jobs(self, keep: set[str]) -> None:
+        """What a deleted job held, once its runner is gone: its cgroup, its uid, its scratch folder."""
+        self.cgroups.prune(keep)
+        if self.identities is not None:
+            self.identities.release(keep)
+        scratch = os.path.join(self.config.state_dir, "scratch")
+        try:
+            names = os.listdir(scratch)
+        except OSError:
+            return
+        for name in names:
+            if name not in keep:
+                shutil.rmtree(os.path.join(scratch, name),
+                              onerror=lambda _f, path, exc: log.warning("cannot remove %s: %s", path, exc[1]))
+
+    def make_identities(self, cfg: Config) -> Identities | None:
+        if os.geteuid() != 0 or not cfg.jobs.user_per_job:
+            return None
+        first, last = cfg.jobs.id_range()
+        if self.identities is not None and (self.identities.first, self.identities.last) == (first, last):
+            return self.identities
+        return Identities(cfg.state_dir, first, last)
 
     def read_zygote(self) -> None:
         messages = self.zygote.messages()
@@ -413,6 +451,7 @@ class Service:
             return
         old = self.config
         self.config, self.users = config, users
+        self.identities = self.make_identities(config)
         setup_logging("supervisor", config.log_format, config.log_level)
         self.manager.stop_grace = config.jobs.stop_grace
         if config.specs != old.specs or config.jobs.resync_interval != old.jobs.resync_interval:
@@ -451,8 +490,19 @@ class Service:
         self.publisher.stop(timeout=20.0)
         self.publisher.close()
         self.zygote.stop(timeout=5.0)
+        self.cgroups.close()
         log.info("stopped")
         return 0
+
+    def sandbox_info(self) -> dict:
+        """`sandbox` in status (SPEC §8): cgroup version, Landlock ABI, per-job users, and what
+        confinement the kernel gives (each Landlock feature by the ABI it needs)."""
+        abi = self.landlock_abi
+        confine = self.config.jobs.confine and abi > 0
+        return {"cgroup": self.cgroups.version, "landlock_abi": abi, "user_per_job": self.identities is not None,
+                "confine": {"filesystem": confine, "network": confine and abi >= 4,
+                            "signals_and_abstract_sockets": confine and abi >= 6},
+                **{k: v for k, v in self.cgroups.info().items() if k != "cgroup"}}
 
     # -- control socket ------------------------------------------------------------------
 
@@ -489,6 +539,7 @@ class Service:
                 "revision": rec.spec.revision if rec.spec else None,
                 "state": rec.state,
                 "pid": rec.pid,
+                "uid": rec.plan.run_as[0] if rec.plan and rec.plan.run_as else None,
                 "runs": rec.runs,
                 "restarts": rec.restarts,
                 "next_run_in": _next_run_in(rec, now),
@@ -505,7 +556,7 @@ class Service:
             "sources": sources,
             "jobs": jobs,
             "rejected": [msgspec.to_builtins(r) for r in self.rejected],
-            "sandbox": self.cgroups.info(),
+            "sandbox": self.sandbox_info(),
             "publisher": {
                 "pid": self.publisher.pid,
                 "outbox_results": stats.outbox_results if stats else 0,

@@ -24,6 +24,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 IS_ROOT = os.geteuid() == 0
 RUN_AS_USER = "nobody"
+MARK_FOLDERS = ("marks", "args", "dump")  # where tests' plugins leave marks (see grant_marks)
 
 
 def wait_for(predicate, timeout: float = 15.0, interval: float = 0.05, what: str = "condition"):
@@ -119,7 +120,8 @@ class RunningService:
             """)
         if sink_file:
             text += f'[[publisher.sink]]\nname = "archive"\nkind = "file"\npath = "{self.results_file}"\n'
-        self.config.write_text(text + textwrap.dedent(extra_config))
+        self.config_text = text + textwrap.dedent(extra_config)
+        self.config.write_text(self.config_text)
         self.proc: subprocess.Popen | None = None
         self._all_pids: set[int] = set()
 
@@ -127,6 +129,7 @@ class RunningService:
 
     def start(self, env: dict[str, str | None] | None = None) -> "RunningService":
         """Start the service; `env` adds to (or, with None values, removes from) our environment."""
+        self.grant_marks()
         self._logf = open(self.log, "ab")
         child_env = None
         if env is not None:
@@ -139,6 +142,18 @@ class RunningService:
                  what="the control socket")
         assert self.proc.poll() is None, f"service exited early:\n{self.log_text()}"
         return self
+
+    def grant_marks(self) -> None:
+        """Tests' plugins leave marks in the test area's `marks`, `args` or `dump` folder,
+        outside their scratch folders: those that exist, every plugin in the plugins folder may
+        write (as an operator grants paths with jobs.plugin_write_paths); nothing else is granted."""
+        folders = [str(self.root.parent / f) for f in MARK_FOLDERS if (self.root.parent / f).is_dir()]
+        names = sorted(p.name for p in self.plugins.iterdir() if p.is_dir()) if folders else []
+        if not names or "plugin_write_paths" in self.config_text:
+            return
+        paths = ", ".join(f'"{f}"' for f in folders)
+        table = "\n[jobs.plugin_write_paths]\n" + "".join(f'"{n}" = [{paths}]\n' for n in names)
+        self.config.write_text(self.config_text + table)
 
     def cli(self, *args: str, timeout: float = 20) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "supervisor", *args, "--config", str(self.config)],

@@ -65,6 +65,7 @@ def test_plugins_run_in_their_jobs_cgroup_and_nothing_survives_a_run(service_fac
         where, escape = spec(plugin="where"), spec(plugin="escape")
         svc.write_spec("where.json", where)
         svc.write_spec("escape.json", escape)
+        svc.grant_marks()
         svc._logf = open(svc.log, "ab")
         svc.proc = subprocess.Popen(
             ["sh", "-c", f'echo $$ > {cgroup}/cgroup.procs && exec "$0" "$@"',

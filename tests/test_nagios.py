@@ -110,6 +110,8 @@ def test_monitoring_plugins_map_exit_codes_text_and_perfdata(svc):
         svc.write_spec(f"{name}.json", doc)
     svc.start()
     results = {name: svc.wait_result(doc["uuid"], timeout=30)[0] for name, doc in docs.items()}
+    sandbox = svc.status()["sandbox"]  # the binaries ran unchanged under the default confinement
+    assert sandbox["confine"]["filesystem"] == (sandbox["landlock_abi"] > 0), sandbox
 
     for name, (plugin, args, expected) in CASES.items():
         result = results[name]

@@ -447,7 +447,8 @@ def test_list_plugins_with_trusted_copies_and_broken_ones(tmp_path):
         assert item["error"] is None
         assert item["protocol"] == "assessment/1"
         assert item["sha256"] == hashlib.sha256((REPO / "plugins" / name / "1.0.0" / name).read_bytes()).hexdigest()
-        assert set(item) == {"name", "version", "protocol", "sha256", "error", "path", "description"}
+        assert set(item) == {"name", "version", "protocol", "sha256", "error", "path", "description", "network"}
+        assert item["network"] is False
     broken = items[0]
     assert broken["sha256"] is None and broken["error"].startswith("invalid plugin.toml:")
     assert broken["protocol"] == "bogus"

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import (wait_for, BAD_STATUS_PLUGIN, FAILING_PLUGIN, GARBAGE_PLUGIN, HANGING_PLUGIN, NOT_OK_PLUGIN,
+from conftest import (IS_ROOT, wait_for, BAD_STATUS_PLUGIN, FAILING_PLUGIN, GARBAGE_PLUGIN, HANGING_PLUGIN, NOT_OK_PLUGIN,
                       OK_PLUGIN, make_plugin, spec)
 
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
@@ -113,8 +113,9 @@ def test_plugin_gets_the_documented_stdin_and_environment(svc, area):
     assert env["ASSESSMENT_RUN_UUID"] == result["uuid"] and env["ASSESSMENT_JOB_UUID"] == doc["uuid"]
     assert cwd.startswith(str(svc.state))
     if os.geteuid() == 0:
-        import pwd
-        assert int((dump / "uid.txt").read_text()) == pwd.getpwnam("nobody").pw_uid
+        # its job's own uid (user_per_job, on by default), as status says
+        assert int((dump / "uid.txt").read_text()) == svc.job(doc["uuid"])["uid"]
+        assert 61184 <= svc.job(doc["uuid"])["uid"] <= 65519
 
 
 @pytest.mark.timeout(60)
@@ -226,13 +227,16 @@ def test_status_json_has_the_documented_shape(svc):
     assert set(st) == {"runtime_uuid", "version", "pid", "started_at", "sources", "jobs", "rejected", "publisher",
                        "sandbox"}  # SPEC §8's keys, plus which limits are in force (cgroup or rlimit)
     assert st["sandbox"]["limits"] in ("cgroup", "rlimit") and st["sandbox"]["detail"]
+    assert st["sandbox"]["cgroup"] in ("v2", "v1", "none") and isinstance(st["sandbox"]["landlock_abi"], int)
+    assert st["sandbox"]["user_per_job"] is IS_ROOT
     assert st["pid"] == svc.proc.pid
     [source] = st["sources"]
     assert source["kind"] == "dir" and source["location"] == str(svc.jobs)
     assert set(source) == {"kind", "location", "revision", "last_success", "last_error", "consecutive_failures"}
     [job] = st["jobs"]
-    assert set(job) == {"uuid", "title", "plugin", "revision", "state", "pid", "runs", "restarts", "next_run_in",
-                        "last_result"}
+    assert set(job) == {"uuid", "title", "plugin", "revision", "state", "pid", "uid", "runs", "restarts",
+                        "next_run_in", "last_result"}
+    assert (job["uid"] is not None) is IS_ROOT
     assert job["plugin"] == "ok@1.0.0" and job["state"] == "running" and job["runs"] >= 1
     assert psutil.Process(job["pid"]) in psutil.Process(svc.proc.pid).children(recursive=True)
     assert set(job["last_result"]) == {"uuid", "status", "reason", "end"}
