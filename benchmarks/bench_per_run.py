@@ -30,11 +30,12 @@ OWN_ROLES = ("supervisor", "zygote", "publisher", "runner", "other")
 
 
 def run_variant(area: Area, kind: str, jobs: int, window: float, warmup: float,
-                c_binary: Path | None = None, log=print) -> dict:
-    """One measurement: `jobs` jobs of the `kind` ("sh" or "c") plugin at 1 run/s each."""
-    name = f"per-run-{kind}-{jobs}"
+                c_binary: Path | None = None, log=print, confine: bool = True) -> dict:
+    """One measurement: `jobs` jobs of the `kind` ("sh" or "c") plugin at 1 run/s each;
+    `confine=False`: without Landlock (to show what confinement costs)."""
+    name = f"per-run-{kind}-{jobs}" + ("" if confine else "-unconfined")
     root = area.sub(name)
-    svc = Service(root)
+    svc = Service(root, jobs_config="" if confine else "confine = false\n")
     plugin = "trivial"
     if kind == "sh":
         entry = install_plugin(svc.plugins, plugin, script=SH_PLUGIN)

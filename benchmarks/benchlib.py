@@ -144,7 +144,7 @@ def stdin_document(job: dict) -> bytes:
 class Service:
     """The real service: `python -m supervisor run --config F` in its own folder."""
 
-    def __init__(self, root: Path, extra_config: str = "", log_level: str = "info"):
+    def __init__(self, root: Path, extra_config: str = "", log_level: str = "info", jobs_config: str = ""):
         self.root = root
         self.state = root / "state"
         self.jobs = root / "jobs.d"
@@ -164,7 +164,7 @@ class Service:
             [specs]
             dir = "{self.jobs}"
             [jobs]
-            """) + run_as + textwrap.dedent(f"""\
+            """) + run_as + jobs_config + textwrap.dedent(f"""\
             [[publisher.sink]]
             name = "archive"
             kind = "file"

@@ -20,6 +20,8 @@ Benchmarks:
   hub        the http sink: results/s from the outbox to a loopback hub (batched vs one POST per
              result), and the publisher's memory with 1 million results pending (bench_hub.py)
   start      1,000 stored specs, Configuration service down: start to READY=1, to every runner up
+  confine    what Landlock (and a capability grant) adds to starting one plugin: ar-exec plain,
+             confined, confined + CAP_DAC_READ_SEARCH, interleaved (bench_confine.py)
   sinks      the ccf sink (evidence/s to a loopback CCF stand-in, vs a bare urllib3 POST loop) and
              the nats sink (a 50,000-result backlog drained into JetStream, vs a bare socket
              loop publishing the same messages) (bench_sinks.py)
@@ -49,7 +51,7 @@ if str(HERE) not in sys.path:
 import benchlib  # noqa: E402
 from benchlib import IS_ROOT, PYTHON, RUN_AS_USER, SH_PLUGIN, Area, compile_c_plugin  # noqa: E402
 
-ALL = ("per-run", "spawn", "memory", "latency", "outbox", "confsync", "hub", "start", "sinks")
+ALL = ("per-run", "spawn", "memory", "latency", "outbox", "confsync", "hub", "start", "sinks", "confine")
 
 
 def say(*lines: str) -> None:
@@ -102,6 +104,24 @@ def bench_per_run(area: Area, args, report: dict) -> None:
             results.append(r)
             kept_up[kind] = kept_up.get(kind, True) and r["keeps_up"]
             say(*b.format_variant(r))
+    # what Landlock costs per run: the top rate's sh variant again with confine = false
+    top = f"per-run-sh-{rates[-1]}"
+    confined = next((r for r in results if r.get("name") == top and "per_run_ms" in r), None)
+    if confined is not None:
+        say(f"  [{top}-unconfined] the same with confine = false ...")
+        try:
+            r = b.run_variant(area, "sh", rates[-1], args.window, args.warmup, log=say, confine=False)
+        except Exception as e:  # noqa: BLE001
+            say(f"  {top}-unconfined: FAILED: {e}")
+            results.append({"name": f"{top}-unconfined", "error": str(e), "traceback": traceback.format_exc()})
+        else:
+            results.append(r)
+            say(*b.format_variant(r))
+            extra = confined["overhead_beyond_spawn_wait_ms"] - r["overhead_beyond_spawn_wait_ms"]
+            report["confine_cost_ms"] = round(extra, 3)
+            say(f"  confinement costs {extra:+.3f} ms per run (confined {confined['overhead_beyond_spawn_wait_ms']:.3f} "
+                f"vs unconfined {r['overhead_beyond_spawn_wait_ms']:.3f} ms beyond the bare loop; the spread between "
+                f"runs of the same variant is about 0.1 ms)")
 
 
 def bench_spawn(area: Area, args, report: dict) -> None:
@@ -220,6 +240,12 @@ def bench_sinks(area: Area, args, report: dict) -> None:
             lambda: b.run(ccf=2_000 if args.quick else 5_000, nats=20_000 if args.quick else 50_000, log=say))
 
 
+def bench_confine(area: Area, args, report: dict) -> None:
+    import bench_confine as b
+    measure(report, "confine", "9. confinement: CPU to start one plugin, plain vs Landlock vs Landlock + a capability",
+            lambda: b.run(runs=1500 if args.quick else 3000, log=say))
+
+
 def format_outbox(r) -> list[str]:
     if not isinstance(r, dict):
         return [f"  {r!r}"]
@@ -296,6 +322,12 @@ def summary(report: dict) -> list[str]:
                          f"a bare loop of the same requests ({r['bare_per_s']:,}/s)")
         elif isinstance(r, dict) and "error" in r:
             lines.append(f"  {kind + ' sink':<18} FAILED: {r['error']}")
+    c = report.get("confine")
+    if isinstance(c, dict) and "confined" in c:
+        lines.append(f"  {'confinement':<18} +{c['confined']['extra_cpu_us']:.1f} us CPU per plugin start "
+                     f"({c['confined']['ratio_cpu']}x plain ar-exec), +{c['confined+capability']['extra_cpu_us']:.1f} us "
+                     f"with a capability grant" + (f"; per run in the service: {report['confine_cost_ms']:+.3f} ms "
+                                                   f"(within the run-to-run spread)" if 'confine_cost_ms' in report else ""))
     o = report.get("outbox")
     if isinstance(o, dict) and isinstance(o.get("cases"), list):
         ratios = [c.get("ratio") for c in o["cases"] if isinstance(c, dict) and "ratio" in c]
@@ -372,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     steps = {"per-run": bench_per_run, "spawn": bench_spawn, "memory": bench_memory, "latency": bench_latency,
              "outbox": bench_outbox, "confsync": bench_confsync, "hub": bench_hub, "start": bench_start,
-             "sinks": bench_sinks}
+             "sinks": bench_sinks, "confine": bench_confine}
     chosen = args.only or list(ALL)
     area = Area()
     code = 0
@@ -402,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def failed(report: dict) -> bool:
     parts = list(report.get("per_run", [])) + [report.get(k) for k in ("memory", "spec_latency", "outbox", "confsync", "hub",
-                                                                       "start")]
+                                                                       "start", "confine")]
     parts += list(report.get("spawn_paths", {}).values())
     parts += list((report.get("sinks") or {}).values()) if isinstance(report.get("sinks"), dict) else []
     return any(isinstance(p, dict) and "error" in p for p in parts)
