@@ -229,6 +229,43 @@ class RunningService:
                         timeout, what=f"{count} result(s) of job {uuid}")
 
 
+def make_tls_files(d: Path) -> Path:
+    """In `d`: a CA (ca.pem), a server certificate for 127.0.0.1 signed by it (server.pem,
+    server.key), and another CA (other.pem), made with the openssl command."""
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl command to make test certificates")
+    d.mkdir(parents=True, exist_ok=True)
+
+    def run(*args):
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True, timeout=60)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+        "-subj", "/CN=assessment-runtime test CA")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+        "-subj", "/CN=127.0.0.1")
+    (d / "ext.cnf").write_text("subjectAltName = IP:127.0.0.1\n")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+        "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf")
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "other.key", "-out", "other.pem", "-days", "2",
+        "-subj", "/CN=some other CA")
+    for p in d.iterdir():  # keys private, as an operator keeps them
+        p.chmod(0o600 if p.suffix == ".key" else 0o644)
+    return d
+
+
+def control_status(svc: RunningService) -> dict:
+    """GET /status on the control socket (quicker than the CLI, for polling)."""
+    from supervisor.control import request
+    code, body = request(str(svc.root / "run" / "control.sock"), "GET", "/status")
+    assert code == 200
+    return json.loads(body)
+
+
+def sink_status(svc: RunningService, name: str) -> dict:
+    [sink] = [s for s in control_status(svc)["publisher"]["sinks"] if s["name"] == name]
+    return sink
+
+
 @pytest.fixture
 def area():
     """A world-traversable scratch folder (pytest's tmp_path is 0700 root)."""

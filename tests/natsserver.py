@@ -36,6 +36,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import make_tls_files  # noqa: F401 - tests import it from here
+
 NATS_SERVER = shutil.which("nats-server") or "/usr/bin/nats-server"
 MAX_LINE = 1 << 20  # our admin client refuses a protocol line longer than this
 NS = 1_000_000_000
@@ -194,29 +196,6 @@ def nats_cluster(make, size: int = 3, name: str = "c1", **kw) -> list[NatsServer
     for node in nodes:
         node.wait_ready(60)
     return nodes
-
-
-def make_tls_files(d: Path) -> Path:
-    """A CA, a server certificate for 127.0.0.1 signed by it, and another CA (openssl command)."""
-    if shutil.which("openssl") is None:
-        pytest.skip("no openssl command to make test certificates")
-    d.mkdir(parents=True, exist_ok=True)
-
-    def run(*args):
-        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True, timeout=60)
-
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-        "-subj", "/CN=assessment-runtime nats test CA")
-    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
-        "-subj", "/CN=127.0.0.1")
-    (d / "ext.cnf").write_text("subjectAltName = IP:127.0.0.1\n")
-    run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-        "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf")
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "other.key", "-out", "other.pem", "-days", "2",
-        "-subj", "/CN=some other CA")
-    for p in d.iterdir():  # nats-server runs as root here, but keep the keys private anyway
-        p.chmod(0o600 if p.suffix == ".key" else 0o644)
-    return d
 
 
 # -- our own JetStream client ----------------------------------------------------------------

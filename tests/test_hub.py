@@ -11,7 +11,6 @@ from __future__ import annotations
 import email.utils
 import json
 import os
-import shutil
 import signal
 import socket
 import socketserver
@@ -28,7 +27,8 @@ import msgspec
 import psutil
 import pytest
 
-from conftest import make_plugin, spec, wait_for
+from conftest import control_status as status, make_plugin, make_tls_files, spec, wait_for
+from conftest import sink_status as conftest_sink_status
 from supervisor.config import ConfigError, Sink, check_sink_files, load_config
 from supervisor.control import request as control_request
 from supervisor.publisher.process import DRAIN_TIMEOUT
@@ -370,24 +370,7 @@ def test_retry_after_parsing():
 
 @pytest.fixture(scope="module")
 def tls_files(tmp_path_factory):
-    """A CA and a server certificate for 127.0.0.1 made with the openssl command."""
-    if shutil.which("openssl") is None:
-        pytest.skip("no openssl command to make test certificates")
-    d = tmp_path_factory.mktemp("tls")
-
-    def run(*args):
-        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True, timeout=60)
-
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-        "-subj", "/CN=assessment-runtime test CA")
-    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
-        "-subj", "/CN=127.0.0.1")
-    (d / "ext.cnf").write_text("subjectAltName = IP:127.0.0.1\n")
-    run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-        "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf")
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "other.key", "-out", "other.pem", "-days", "2",
-        "-subj", "/CN=some other CA")
-    return d
+    return make_tls_files(tmp_path_factory.mktemp("tls"))
 
 
 def test_tls_is_verified_against_ca_file(hubs, tmp_path, tls_files):
@@ -577,15 +560,8 @@ def hub_config(hub: Hub, area: Path, batch_max: int = 4, timeout: str = "1s", re
                    f'timeout = "{timeout}"\nretry_max = "{retry_max}"\ntoken_file = "{tok}"\n')
 
 
-def status(svc) -> dict:
-    code, body = control_request(str(svc.root / "run" / "control.sock"), "GET", "/status")
-    assert code == 200
-    return json.loads(body)
-
-
 def sink_status(svc, name: str = "hub") -> dict:
-    [sink] = [s for s in status(svc)["publisher"]["sinks"] if s["name"] == name]
-    return sink
+    return conftest_sink_status(svc, name)
 
 
 def marked(marks: Path) -> list[str]:

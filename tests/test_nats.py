@@ -21,10 +21,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import FAILING_PLUGIN, NOT_OK_PLUGIN, OK_PLUGIN, make_plugin, spec, wait_for
+from conftest import FAILING_PLUGIN, NOT_OK_PLUGIN, OK_PLUGIN, control_status as status, make_plugin, spec, wait_for
+from conftest import sink_status as conftest_sink_status
 from natsserver import (NatsError, StoredMsg, admin, fake_nats, make_tls_files, nats_cluster,  # noqa: F401
                         nats_servers, silent_proxies, subject_token)
-from supervisor.control import request as control_request
 
 SPEC_SINK_KEYS = {"name", "kind", "delivered", "pending", "failures", "dead_lettered", "last_error"}
 BIG_PLUGIN = """
@@ -79,15 +79,8 @@ def jobs(*plugins: str, **kw) -> list[dict]:
     return [spec(plugin=p, interval="1s", **kw) for p in plugins]
 
 
-def status(svc) -> dict:
-    code, body = control_request(str(svc.root / "run" / "control.sock"), "GET", "/status")
-    assert code == 200
-    return json.loads(body)
-
-
 def sink_status(svc, name: str = "js") -> dict:
-    [sink] = [s for s in status(svc)["publisher"]["sinks"] if s["name"] == name]
-    return sink
+    return conftest_sink_status(svc, name)
 
 
 def sink_when(svc, predicate, timeout: float, what: str, name: str = "js") -> dict:
