@@ -27,7 +27,7 @@ from runner.selfpipe import SelfPipe
 from runner.plugin import PluginError, PluginResolver
 from runner.protocol import (OutputError, StdinTemplate, failure_reason, iso_time, new_uuid,
                              parse_assessment_output, parse_nagios_output)
-from runner.jobcgroup import cgroup_counters, kill_cgroup
+from runner.jobcgroup import JobCgroup
 from runner.landlock import Confine
 from runner.sandbox import HELPER_FAILURE, PLUGIN_PATH, Sandbox, SpawnError, kill_group, sweep_orphans
 from runner.results import ResultLink
@@ -54,7 +54,7 @@ class Run:
     """One plugin execution in flight."""
 
     __slots__ = ("uuid", "start_wall", "start_mono", "deadline", "kill_at", "pid", "pidfd", "out_fd", "err_fd",
-                 "stdout", "stderr_tail", "failure", "counters", "plugin", "protocol", "path", "open_pipes",
+                 "stdout", "stderr_tail", "failure", "plugin", "protocol", "path", "open_pipes",
                  "watch_pipes_at")
 
     def __init__(self, run_uuid: str, start_wall: float, start_mono: float, deadline: float):
@@ -70,7 +70,6 @@ class Run:
         self.stdout = bytearray()
         self.stderr_tail = bytearray()
         self.failure: str | None = None  # set when we end the run ourselves (timeout, output limit)
-        self.counters = (0, 0)  # the job cgroup's (oom kills, fork refusals) before the run
         self.plugin = _NO_PLUGIN
         self.open_pipes: set[int] = set()  # stdout/stderr read ends not yet at EOF
         self.watch_pipes_at = math.inf  # when the pipes join the poller (if the plugin still runs)
@@ -91,6 +90,7 @@ class Runner:
             "ASSESSMENT_JOB_UUID": cfg.job_uuid, "ASSESSMENT_RUNTIME_UUID": cfg.runtime_uuid,
         }, cgroup=cfg.cgroup, cgroup_controllers=tuple(cfg.cgroup_controllers),
             confine=Confine(tuple(cfg.write_paths)) if cfg.confine else None, capabilities=tuple(cfg.capabilities))
+        self.cgroup = JobCgroup(cfg.cgroup)
         self.stdin = StdinTemplate(cfg.job_json, cfg.config_json)
         self.nagios_args = self._nagios_args()
         self.poller = Poller()
@@ -145,7 +145,7 @@ class Runner:
                 self.end_run(f"timeout after {format_duration(self.cfg.timeout)}")
             elif run.kill_at is not None and now >= run.kill_at:
                 kill_group(run.pid, signal.SIGKILL)
-                kill_cgroup(self.cfg.cgroup)
+                self.cgroup.kill()
                 run.kill_at = math.inf
             if now >= run.watch_pipes_at:
                 run.watch_pipes_at = math.inf
@@ -254,7 +254,6 @@ class Runner:
         if now >= self.next_run_at:
             self.next_run_at = self._next_slot(now)
         run = Run(new_uuid(), time.time(), now, now + self.cfg.timeout)
-        run.counters = cgroup_counters(self.cfg.cgroup)
         self.run = run
         try:
             plugin, digest = self.resolver.resolve()
@@ -311,9 +310,9 @@ class Runner:
             os.close(fd)
         # nothing the run started may outlive it: its group, then anything re-parented to us
         kill_group(run.pid, signal.SIGKILL)
-        kill_cgroup(self.cfg.cgroup)
+        self.cgroup.kill()
         sweep_orphans()
-        ooms, refusals = cgroup_counters(self.cfg.cgroup)
+        oom_killed, pids_exhausted = self.cgroup.hits()
         end = time.time()
         if run.failure is None and status == 127 << 8 and run.stderr_tail.startswith(HELPER_FAILURE):
             detail = run.stderr_tail.decode(errors="replace").strip().removeprefix("ar-exec: ")
@@ -334,7 +333,7 @@ class Runner:
                                  findings=out.findings, risks=out.risks, subjects=out.subjects, logs=out.logs)
         else:
             reason = failure_reason(status, rusage, self.cfg.limits, bytes(run.stderr_tail),
-                                    oom_killed=ooms > run.counters[0], pids_exhausted=refusals > run.counters[1])
+                                    oom_killed=oom_killed, pids_exhausted=pids_exhausted)
             self.send_result(run, end, "error", reason, errors=True)
 
     def finish_without_spawn(self, run: Run, reason: str) -> None:

@@ -25,7 +25,7 @@ import logging
 import os
 import time
 
-from runner.jobcgroup import cgroup_pids, kill_cgroup
+from runner.jobcgroup import JobCgroup
 
 log = logging.getLogger(__name__)
 
@@ -290,8 +290,7 @@ def _remove(folder: str) -> None:
     """Kill what is in a job's cgroup, then remove it."""
     if not os.path.isdir(folder):
         return
-    if cgroup_pids(folder) or os.path.exists(os.path.join(folder, "cgroup.kill")):
-        kill_cgroup(folder)
+    JobCgroup(folder).kill()
     for _ in range(100):
         try:
             os.rmdir(folder)
