@@ -22,6 +22,8 @@ Benchmarks:
   start      1,000 stored specs, Configuration service down: start to READY=1, to every runner up
   confine    what Landlock (and a capability grant) adds to starting one plugin: ar-exec plain,
              confined, confined + CAP_DAC_READ_SEARCH, interleaved (bench_confine.py)
+  plugins    the CIS-style plugins (wall, CPU, peak RSS each) and the openscap plugin on the SSG
+             standard profile against `oscap xccdf eval` by hand (bench_plugins_*.py)
   sinks      the ccf sink (evidence/s to a loopback CCF stand-in, vs a bare urllib3 POST loop) and
              the nats sink (a 50,000-result backlog drained into JetStream, vs a bare socket
              loop publishing the same messages) (bench_sinks.py)
@@ -51,7 +53,7 @@ if str(HERE) not in sys.path:
 import benchlib  # noqa: E402
 from benchlib import IS_ROOT, PYTHON, RUN_AS_USER, SH_PLUGIN, Area, compile_c_plugin  # noqa: E402
 
-ALL = ("per-run", "spawn", "memory", "latency", "outbox", "confsync", "hub", "start", "sinks", "confine")
+ALL = ("per-run", "spawn", "memory", "latency", "outbox", "confsync", "hub", "start", "sinks", "confine", "plugins")
 
 
 def say(*lines: str) -> None:
@@ -246,6 +248,15 @@ def bench_confine(area: Area, args, report: dict) -> None:
             lambda: b.run(runs=1500 if args.quick else 3000, log=say))
 
 
+def bench_plugins(area: Area, args, report: dict) -> None:
+    import bench_plugins_cis as cis
+    import bench_plugins_openscap as scap
+    measure(report, "plugins_cis", "10. CIS-style plugins on this host: wall time, CPU and peak RSS each",
+            lambda: cis.run(repeats=3 if args.quick else 10, log=say), cis.format_result)
+    measure(report, "plugins_openscap", "11. openscap plugin: the SSG standard profile vs oscap xccdf eval by hand",
+            lambda: scap.run(repeats=2 if args.quick else 5, log=say))
+
+
 def format_outbox(r) -> list[str]:
     if not isinstance(r, dict):
         return [f"  {r!r}"]
@@ -328,6 +339,20 @@ def summary(report: dict) -> list[str]:
                      f"({c['confined']['ratio_cpu']}x plain ar-exec), +{c['confined+capability']['extra_cpu_us']:.1f} us "
                      f"with a capability grant" + (f"; per run in the service: {report['confine_cost_ms']:+.3f} ms "
                                                    f"(within the run-to-run spread)" if 'confine_cost_ms' in report else ""))
+    for name, e in ((report.get("plugins_cis") or {}).get("plugins") or {}).items():
+        if isinstance(e, dict) and "wall_ms" in e:
+            lines.append(f"  {'plugin ' + name:<18} {e['wall_ms']['median']:.0f} ms wall, {e['cpu_ms']:.0f} ms CPU, "
+                         f"{e['peak_rss_mb']:.1f} MB peak RSS")
+    o = report.get("plugins_openscap")
+    if isinstance(o, dict) and "plugin" in o:
+        c = o["counts"]
+        lines.append(f"  {'plugin openscap':<18} {o['plugin']['wall_s']['median']:.2f} s vs oscap by hand "
+                     f"{o['oscap_by_hand']['wall_s']['median']:.2f} s -> {o['plugin']['ratio_to_by_hand']:.2f}x "
+                     f"(split first {o['plugin_split']['ratio_to_by_hand']:.2f}x); peak RSS {o['plugin']['peak_rss_mb']:.0f} MB; "
+                     f"{o['rules_evaluated']} rules: {c['pass']} pass, {c['fail']} fail, "
+                     f"{c['notapplicable']} notapplicable, {c['notchecked']} notchecked")
+    elif isinstance(o, dict) and "skipped" in o:
+        lines.append(f"  {'plugin openscap':<18} skipped: {o['skipped']}")
     o = report.get("outbox")
     if isinstance(o, dict) and isinstance(o.get("cases"), list):
         ratios = [c.get("ratio") for c in o["cases"] if isinstance(c, dict) and "ratio" in c]
@@ -404,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     steps = {"per-run": bench_per_run, "spawn": bench_spawn, "memory": bench_memory, "latency": bench_latency,
              "outbox": bench_outbox, "confsync": bench_confsync, "hub": bench_hub, "start": bench_start,
-             "sinks": bench_sinks, "confine": bench_confine}
+             "sinks": bench_sinks, "confine": bench_confine, "plugins": bench_plugins}
     chosen = args.only or list(ALL)
     area = Area()
     code = 0
@@ -434,7 +459,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def failed(report: dict) -> bool:
     parts = list(report.get("per_run", [])) + [report.get(k) for k in ("memory", "spec_latency", "outbox", "confsync", "hub",
-                                                                       "start", "confine")]
+                                                                       "start", "confine", "plugins_cis",
+                                                                       "plugins_openscap")]
     parts += list(report.get("spawn_paths", {}).values())
     parts += list((report.get("sinks") or {}).values()) if isinstance(report.get("sinks"), dict) else []
     return any(isinstance(p, dict) and "error" in p for p in parts)
