@@ -439,23 +439,25 @@ def test_list_plugins_with_trusted_copies_and_broken_ones(tmp_path):
     make_plugin(other, "sysctl", "1.0.0", protocol="nagios")  # shadowed by the first dir: still listed
 
     items = list_plugins([str(pdir), str(other)])
-    assert [(p["name"], p["version"]) for p in items] == [
-        ("broken", "0.1"), ("file-permissions", "1.0.0"), ("loose", "2.0"), ("sysctl", "1.0.0"), ("sysctl", "1.0.0")]
+    shipped = sorted(p.name for p in (REPO / "plugins").iterdir() if (p / "1.0.0" / "plugin.toml").exists())
+    assert {"file-permissions", "sysctl"} <= set(shipped)
+    first = sorted([(n, "1.0.0") for n in shipped] + [("broken", "0.1"), ("loose", "2.0")])
+    assert [(p["name"], p["version"]) for p in items] == first + [("sysctl", "1.0.0")]
     by = {(p["name"], p["path"]): p for p in items}
-    for name in ("file-permissions", "sysctl"):
+    for name in shipped:
         item = by[(name, str(pdir / name / "1.0.0" / name))]
         assert item["error"] is None
         assert item["protocol"] == "assessment/1"
         assert item["sha256"] == hashlib.sha256((REPO / "plugins" / name / "1.0.0" / name).read_bytes()).hexdigest()
         assert set(item) == {"name", "version", "protocol", "sha256", "error", "path", "description", "network"}
         assert item["network"] is False
-    broken = items[0]
+    broken = items[first.index(("broken", "0.1"))]
     assert broken["sha256"] is None and broken["error"].startswith("invalid plugin.toml:")
     assert broken["protocol"] == "bogus"
-    loose = items[2]
+    loose = items[first.index(("loose", "2.0"))]
     assert loose["error"] == f"untrusted plugin: {bad} is writable by others"
     assert loose["sha256"] is None and loose["path"] == str(bad) and loose["protocol"] == "assessment/1"
-    assert items[4]["protocol"] == "nagios" and items[4]["error"] is None
+    assert items[-1]["protocol"] == "nagios" and items[-1]["error"] is None
 
 
 def test_list_plugins_missing_dir_is_empty(tmp_path):

@@ -291,9 +291,12 @@ def test_plugin_problems_are_error_results_not_crashes(svc):
     assert r["status"] == "error" and r["reason"] == "output limit exceeded: more than 1024 bytes"
     r = svc.wait_result(daemon["uuid"])[0]
     assert r["status"] == "satisfied"
-    # the daemonised grandchild did not outlive its run
+    # the daemonised grandchild did not outlive its run (ours: it runs as the job's uid, or as
+    # run_as_user; a `sleep 300` of someone else on the machine is not ours to count)
     time.sleep(0.5)
-    sleepers = [p for p in psutil.process_iter(["name", "cmdline"]) if p.info["cmdline"] == ["sleep", "300"]]
+    uid = svc.job(daemon["uuid"])["uid"]
+    sleepers = [p for p in psutil.process_iter(["name", "cmdline", "uids"]) if p.info["cmdline"] == ["sleep", "300"]
+                and (uid is None or p.info["uids"].real == uid)]
     assert sleepers == []
 
 
