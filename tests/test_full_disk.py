@@ -15,7 +15,6 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import msgspec
 import pytest
@@ -296,3 +295,45 @@ def test_full_and_read_only_state_dir(service_factory, area):
           f"{duplicates} duplicates; publisher.dropped={st['publisher']['dropped']}, "
           f"outbox_write_errors={st['publisher']['outbox_write_errors']}")
     assert svc.stop() == 0
+
+
+# -- the spec store and runtime_uuid ------------------------------------------------------
+
+
+def test_a_spec_change_that_cannot_be_stored_is_not_applied(tmp_path, monkeypatch):
+    from test_store import fresh, make
+    from supervisor import store as store_module
+    store = fresh(tmp_path)
+    a, b = make("11111111-1111-4111-8111-111111111111"), make("22222222-2222-4222-8222-222222222222")
+    store.replace("dir", {a.job.uuid: a})
+    folder = tmp_path / "specs" / "dir"
+    files = sorted(os.listdir(folder))
+
+    def full(path, data, *args, **kwargs):
+        with open(path, "wb") as f:
+            f.write(data[:3])  # a partial temp file, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(store_module, "write_synced", full)
+    with pytest.raises(OSError):
+        store.replace("dir", {a.job.uuid: a, b.job.uuid: b})
+    assert set(store.specs["dir"]) == {a.job.uuid}  # memory follows the disk
+    assert sorted(os.listdir(folder)) == files  # no temp file left behind
+    monkeypatch.undo()
+    assert store.replace("dir", {a.job.uuid: a, b.job.uuid: b})
+    assert set(fresh(tmp_path).specs["dir"]) == {a.job.uuid, b.job.uuid}
+
+
+def test_a_runtime_uuid_that_cannot_be_written_is_kept_in_memory(tmp_path, monkeypatch, caplog):
+    from supervisor import config as config_module
+    from supervisor.config import Config, load_runtime_uuid, save_runtime_uuid
+    cfg = Config(state_dir=str(tmp_path))
+
+    def refuse(path, data, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+    monkeypatch.setattr(config_module, "write_atomic", refuse)
+    value = load_runtime_uuid(cfg)
+    assert value and not (tmp_path / "runtime_uuid").exists()
+    assert "Read-only" in caplog.text
+    monkeypatch.undo()
+    assert save_runtime_uuid(cfg, value)
+    assert load_runtime_uuid(cfg) == value
