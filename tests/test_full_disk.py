@@ -116,6 +116,10 @@ def _publisher(tmp_path, memory_max: int):
     p.outbox_write_errors = 0
     p.waiting_bytes = 0
     p.memory_dropped = 0
+    p.forgot_from = set()
+    p.dropped_runners = []
+    p.drop_runner = lambda conn: p.dropped_runners.append(conn)
+    p._flush_briefly = lambda conn: None
     p.wakeup = process.threading.Condition()
     p.acked = []
     p.ack = lambda conn, uuids: p.acked.extend(uuids)
@@ -150,6 +154,7 @@ def test_publisher_keeps_results_in_memory_while_the_outbox_fails(tmp_path, monk
     p.commit()
     assert p.outbox_error is None and p.received == [] and p.waiting_bytes == 0
     assert p.acked == ["run-2", "run-3", "run-4"]
+    assert p.dropped_runners == [conn]  # reconnects, and sends run-0 and run-1 again
     assert p.outbox.next_seq == 4
     p.outbox.close()
 
@@ -202,7 +207,9 @@ def test_full_and_read_only_state_dir(service_factory, area):
     out.mkdir()
     svc = service_factory("", sink_file=False)
     svc.results_file = out / "results.jsonl"
-    svc.config_text += ('[publisher]\nflush_interval = "0.2s"\n'
+    # memory_max small enough that the full episode goes past it: the publisher forgets the
+    # oldest, and their runners send them again once the outbox takes writes
+    svc.config_text += ('[publisher]\nflush_interval = "0.2s"\nmemory_max = "2KiB"\n'
                         f'[[publisher.sink]]\nname = "archive"\nkind = "file"\npath = "{svc.results_file}"\n')
     svc.config.write_text(svc.config_text)
     make_plugin(svc.plugins, "mark", MARKING_PLUGIN.format(marks=marks))
@@ -244,7 +251,8 @@ def test_full_and_read_only_state_dir(service_factory, area):
     st = control_status(svc)
     assert svc.proc.poll() is None
     assert st["publisher"]["pid"] == publisher_pid, "the publisher was restarted"
-    assert st["publisher"]["outbox_error"] and st["publisher"]["waiting"] >= 4, st["publisher"]
+    assert st["publisher"]["outbox_error"] and st["publisher"]["waiting"] >= 1, st["publisher"]
+    assert st["publisher"]["waiting_bytes"] <= 2048 and st["publisher"]["dropped"] >= 1, st["publisher"]
     metrics = _metrics(svc)
     assert "assessment_runtime_outbox_up 0" in metrics
     assert "assessment_runtime_outbox_write_errors_total 0" not in metrics
@@ -337,3 +345,12 @@ def test_a_runtime_uuid_that_cannot_be_written_is_kept_in_memory(tmp_path, monke
     monkeypatch.undo()
     assert save_runtime_uuid(cfg, value)
     assert load_runtime_uuid(cfg) == value
+
+
+def test_memory_max_is_a_size_with_a_default_of_64_mib(tmp_path):
+    from supervisor.config import Publisher, load_config
+    assert Publisher().memory_max == 64 << 20
+    from test_config import minimal
+    path = minimal(tmp_path)
+    path.write_text(path.read_text().replace("[[publisher.sink]]", '[publisher]\nmemory_max = "1MiB"\n[[publisher.sink]]', 1))
+    assert load_config(str(path)).publisher.memory_max == 1 << 20

@@ -21,8 +21,9 @@ runs in one thread per sink (delivery.py).
 When the outbox cannot be written (a full or read-only state_dir, an I/O error), nothing
 is acknowledged and we do not exit: the results wait here in memory, in order, up to
 memory_max bytes of result payload (past it the oldest are forgotten and counted in
-`dropped`: never acknowledged, so their runners still hold them, up to their own bound, and
-send them again when they reconnect). The append is tried again about once a second
+`dropped`: never acknowledged, so their runners still hold them, up to their own bound; once
+the outbox takes writes again we close those runners' connections, so that they reconnect and
+send everything unacknowledged again). The append is tried again about once a second
 (OUTBOX_RETRY); the first that succeeds writes, acknowledges and delivers everything waiting.
 Status and metrics show the error meanwhile (PublisherStats.outbox_error).
 
@@ -145,6 +146,7 @@ class PublisherProcess:
         self.outbox_write_errors = 0
         self.waiting_bytes = 0  # result payload bytes in self.received
         self.memory_dropped = 0  # results forgotten past memory_max (never acknowledged)
+        self.forgot_from: set[RunnerConnection] = set()  # runners whose results we forgot: to reconnect
 
     def serve(self) -> int:
         self._install_signals()
@@ -245,7 +247,8 @@ class PublisherProcess:
         acknowledged: their runners still hold them and send them again on reconnecting)."""
         n = 0
         while self.waiting_bytes > self.memory_max and len(self.received) > 1:
-            _, message = self.received.pop(0)
+            conn, message = self.received.pop(0)
+            self.forgot_from.add(conn)
             self.waiting_bytes -= len(message.result)
             n += 1
         if n:
@@ -287,6 +290,13 @@ class PublisherProcess:
         for conn, uuids in acks.items():
             if conn in self.runners:
                 self.ack(conn, uuids)
+        if self.forgot_from:
+            # A runner resends what is unacknowledged only on a new connection: close the
+            # connections whose results we forgot (after their acks), so that they come again.
+            for conn in self.forgot_from & self.runners:
+                self._flush_briefly(conn)
+                self.drop_runner(conn)
+            self.forgot_from.clear()
 
     def ack(self, conn: RunnerConnection, uuids: list[str]) -> None:
         try:
