@@ -185,6 +185,10 @@ class PublisherStats(msgspec.Struct, tag=True):
     dropped: int
     sinks: list[SinkStats]
     jobs: list[JobDigest] = []
+    outbox_error: str | None = None  # why the outbox cannot be written now (results wait in memory)
+    outbox_write_errors: int = 0  # failed outbox writes since the publisher started
+    waiting: int = 0  # results read but not yet written to the outbox (not acknowledged)
+    waiting_bytes: int = 0
 
 
 SupervisorToPublisher = PublisherSettings

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tomllib
 import uuid as uuidlib
@@ -114,6 +115,7 @@ class Sink(Strict):
 
 class Publisher(Strict):
     outbox_max: Size = Size(1 << 30)
+    memory_max: Size = Size(64 << 20)  # results waiting in memory while the outbox cannot be written
     batch_max: Annotated[int, msgspec.Meta(ge=1)] = 500
     flush_interval: Duration = Duration(1)
     sink: list[Sink] = []
@@ -383,5 +385,18 @@ def load_runtime_uuid(config: Config) -> str:
     except (OSError, ValueError):
         pass
     value = str(uuidlib.uuid4())
-    write_atomic(path, value.encode() + b"\n")
+    save_runtime_uuid(config, value)
     return value
+
+
+def save_runtime_uuid(config: Config, value: str) -> bool:
+    """Keep a generated runtime_uuid in state_dir; False (logged) when that cannot be written
+    now (a full or read-only state_dir): the service keeps it in memory and tries again."""
+    try:
+        write_atomic(os.path.join(config.state_dir, "runtime_uuid"), value.encode() + b"\n")
+        return True
+    except OSError as e:
+        logging.getLogger("supervisor").error(
+            "cannot write %s/runtime_uuid: %s; using %s from memory until it can be written (a restart "
+            "before then gets a new one)", config.state_dir, e, value)
+        return False

@@ -80,6 +80,12 @@ class Metrics:
                [({}, status["outbox_results"])])
         metric("outbox_bytes", "gauge", "Bytes of outbox segment files.", [({}, status["outbox_bytes"])])
         metric("outbox_dropped_total", "counter", "Results dropped at the outbox bound.", [({}, status["dropped"])])
+        metric("outbox_up", "gauge", "1 when the outbox takes writes, 0 while results wait in memory (full or "
+               "read-only state_dir).", [({}, 0 if status["outbox_error"] else 1)])
+        metric("outbox_write_errors_total", "counter", "Failed outbox writes (since the publisher started).",
+               [({}, status["outbox_write_errors"])])
+        metric("outbox_waiting_results", "gauge", "Results waiting in the publisher's memory for the outbox.",
+               [({}, status["waiting"])])
         sinks = status["sinks"]
         for field, kind, help_ in (("delivered", "counter", "Results delivered by sink."),
                                    ("pending", "gauge", "Results waiting for the sink."),

@@ -33,7 +33,7 @@ from runner.units import enc_hook
 from runner.wire import PublisherSettings, PublisherStats
 from supervisor import __version__
 from supervisor.cgroups import CgroupTree
-from supervisor.config import Config, ConfigError, check_sink_files, load_config, load_runtime_uuid
+from supervisor.config import Config, ConfigError, check_sink_files, load_config, load_runtime_uuid, save_runtime_uuid
 from supervisor.control import ControlServer, json_response
 from supervisor.publisher_link import PublisherLink
 from supervisor.downloads import Downloader
@@ -100,6 +100,7 @@ class Service:
         self.store_dirty = True
         self.folder_dirty = True
         self.next_resync = 0.0
+        self.runtime_uuid_unsaved = False  # generated, not yet written to state_dir (tried every resync)
         self.next_child_check = 0.0
         self.metrics = Metrics()
         self.notifier = Notifier.from_environ()  # systemd: READY/STATUS/WATCHDOG/STOPPING
@@ -132,6 +133,7 @@ class Service:
                 raise ConfigError(f"{self.config_file}: cannot create {folder}: {e.strerror}") from None
         os.chmod(scratch, 0o711)
         self.runtime_uuid = load_runtime_uuid(cfg)
+        self.runtime_uuid_unsaved = not cfg.runtime_uuid and not self._runtime_uuid_stored()
         self.identities = self.make_identities(cfg)
         self.landlock_abi = landlock.abi()
         if cfg.jobs.confine and self.landlock_abi == 0:
@@ -166,16 +168,26 @@ class Service:
             self.watcher = FolderWatcher(cfg.specs.dir, self.notify_folder, cfg.jobs.resync_interval)
             self.watcher.start()
         else:
-            self.store.replace("dir", {})  # a source taken out of the config no longer runs its specs
+            self._store_write(self.store.replace, "dir", {})  # a source taken out of the config no longer runs its specs
         self.folder_dirty = True
+
+    def _store_write(self, write, *args, **kwargs) -> bool:
+        """A store write whose failure (full or read-only state_dir) is logged, not fatal: the
+        store keeps what it had (the next start or change tries again)."""
+        try:
+            write(*args, **kwargs)
+            return True
+        except OSError as e:
+            log.error("cannot write the spec store: %s; keeping the last good specs", e)
+            return False
 
     def start_config_sync(self, previous=None) -> None:
         """The [configuration] source: its worker thread asks the service at once; until it
         answers, the stored specs (and revision, when it is for this endpoint) are used."""
         settings = self.config.configuration
         if settings is None:
-            self.store.replace("http", {}, rejected=[])
-            self.store.forget_revision("http")
+            if self._store_write(self.store.replace, "http", {}, rejected=[]):
+                self._store_write(self.store.forget_revision, "http")
             return
         self.http_source = SourceState("http", settings.url)
         from supervisor.sync import ConfigSync  # urllib3 and ssl: ~7 MB, only with a [configuration] source
@@ -185,8 +197,12 @@ class Service:
             self.http_source.failed(str(e))
             log.error("configuration service: %s", e)
             return
-        if self.store.claim("http", self.config_sync.location):
-            log.info("configuration service: the stored revision is for another endpoint; asking for the full set")
+        try:
+            if self.store.claim("http", self.config_sync.location):
+                log.info("configuration service: the stored revision is for another endpoint; asking for the full set")
+        except OSError as e:  # the revision is forgotten in memory first: the next answer is a full set
+            log.error("configuration service: cannot store its location: %s", e)
+            self.http_source.failed(f"cannot store the location: {e}")
         self.http_source.revision = self.store.revisions["http"]
         self.config_sync.start()
 
@@ -309,7 +325,15 @@ class Service:
         source.rejected = rejected
         for r in rejected:
             log.warning("rejected spec (%s): %s", r.uuid or "no uuid", r.reason)
-        if self.store.replace("dir", specs):
+        try:
+            changed = self.store.replace("dir", specs)
+        except OSError as e:  # a full or read-only state_dir: not applied; the last good specs keep running
+            self.store_dirty = True  # (a batch cut short may have changed some: reconcile what the store holds)
+            source.failed(f"cannot store the specs: {e}; the last good specs keep running")
+            self.metrics.source_synced("dir", "failed")
+            log.error("spec folder: %s; trying again in %.0fs", source.last_error, self.config.jobs.resync_interval)
+            return
+        if changed:
             self.store_dirty = True
         source.succeeded(_folder_revision(specs))
         self.metrics.source_synced("dir", "ok")
@@ -320,7 +344,10 @@ class Service:
         self.metrics.source_synced("http", result.outcome)
         if result.outcome == "gone":
             log.info("configuration service: revision %s is gone (410); asking for the full set", result.since)
-            self.store.forget_revision("http")
+            try:
+                self.store.forget_revision("http")
+            except OSError as e:  # forgotten in memory: the next request asks for the full set
+                log.error("configuration service: cannot remove the stored revision: %s", e)
             source.revision = None
             sync.settle(now, ok=True, at_once=True)
             return
@@ -347,7 +374,17 @@ class Service:
             log.info("configuration service: %s %s: %d upserted, %d deleted, %d rejected (%.3fs)", result.outcome,
                      result.revision, len(result.upserted), len(result.deleted), len(result.rejected), result.seconds)
 
+    def _runtime_uuid_stored(self) -> bool:
+        try:
+            with open(os.path.join(self.config.state_dir, "runtime_uuid"), encoding="ascii") as f:
+                return f.read().strip() == self.runtime_uuid
+        except (OSError, ValueError):
+            return False
+
     def manage_runners(self, now: float) -> None:
+        if self.runtime_uuid_unsaved and now >= self.next_resync and save_runtime_uuid(self.config, self.runtime_uuid):
+            log.info("runtime_uuid %s is now stored in %s", self.runtime_uuid, self.config.state_dir)
+            self.runtime_uuid_unsaved = False
         self.store_dirty = False
         self.next_resync = now + self.config.jobs.resync_interval
         specs, clashes = self.store.desired()
@@ -562,6 +599,10 @@ class Service:
                 "outbox_results": stats.outbox_results if stats else 0,
                 "outbox_bytes": stats.outbox_bytes if stats else 0,
                 "dropped": (stats.dropped if stats else 0) + self.manager.dropped,
+                "outbox_error": stats.outbox_error if stats else None,
+                "outbox_write_errors": stats.outbox_write_errors if stats else 0,
+                "waiting": stats.waiting if stats else 0,
+                "waiting_bytes": stats.waiting_bytes if stats else 0,
                 "sinks": [msgspec.to_builtins(s) for s in stats.sinks] if stats else
                          [{"name": n, "kind": k, "delivered": 0, "pending": 0, "failures": 0, "dead_lettered": 0,
                            "last_error": None} for n, k in sink_kinds.items()],

@@ -118,12 +118,12 @@ class SpecStore:
         _write_files(folder, [(f"{uuid}.json", b'{"source":' + msgspec.json.encode(spec.source) + b',"spec":'
                                + spec.canonical + b"}") for uuid, spec in writes.items()])
         current.update(writes)
-        for uuid in gone:
-            del current[uuid]
+        for uuid in gone:  # memory follows the disk: a removal that fails (read-only) leaves the spec stored
             try:
                 os.unlink(os.path.join(folder, f"{uuid}.json"))
             except FileNotFoundError:
                 pass
+            del current[uuid]
         if gone:
             fsync_dir(folder)
         changed = bool(writes or gone)

@@ -244,7 +244,9 @@ def test_status_json_has_the_documented_shape(svc):
     [rejected] = st["rejected"]
     assert rejected["uuid"] == "bad-job" and "plugin.version" in rejected["reason"] and "bad.json" in rejected["reason"]
     pub = st["publisher"]
-    assert set(pub) == {"pid", "outbox_results", "outbox_bytes", "dropped", "sinks"}
+    assert set(pub) == {"pid", "outbox_results", "outbox_bytes", "dropped", "sinks",  # SPEC §8, plus while the
+                        "outbox_error", "outbox_write_errors", "waiting", "waiting_bytes"}  # outbox fails (§7)
+    assert pub["outbox_error"] is None and pub["waiting"] == 0
     [sink] = pub["sinks"]
     assert {"name", "kind", "delivered", "pending", "failures", "dead_lettered", "last_error"} <= set(sink)
     assert sink["name"] == "archive" and sink["kind"] == "file"

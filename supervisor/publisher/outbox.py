@@ -13,6 +13,13 @@ Records are numbered 1, 2, 3, ... across segments and restarts. `append_many` is
 commit: every record of the batch, then one fsync. Readers (the sink threads) see a record
 only once its fsync is done, so what a sink delivers is always on disk.
 
+A failed append (ENOSPC, EROFS, EIO) leaves nothing behind: the active segment is truncated
+back to its committed size and the segment files the batch had begun are removed, so the
+next append (the caller retries) starts on a record boundary. If even that cleanup fails, it
+is tried again before the next append, which does not write until it succeeds. A cursor that
+cannot be saved stays in memory, marked unsaved, and no segment is deleted while any cursor
+is unsaved; the main thread retries every second.
+
 Recovery reads only the last segment (an earlier segment's record count is the difference of
 two file names), and cuts a torn tail there. A segment is deleted once every sink's cursor is
 past it; when the segments outgrow `max_bytes`, the oldest are dropped, delivered or not.
@@ -102,7 +109,9 @@ class Outbox:
         # sink -> (first seq, (segment, end offset) of each record) of its last read, to advance without a scan
         self._last_read: dict[str, tuple[int, list[tuple[int, int]]]] = {}
         self._fd = -1
-        self._broken: Exception | None = None
+        self._torn = False  # a failed append may have left bytes past the committed size: cut them first
+        self._created: list[str] = []  # segment files begun by the append in progress
+        self.cursor_error: str | None = None  # why the last cursor save failed (None: saved)
         self._drop_burst_at = -DROP_LOG_QUIET  # monotonic time of the last drop
         self._dropped_unlogged = 0
         os.makedirs(folder, mode=0o700, exist_ok=True)
@@ -235,16 +244,43 @@ class Outbox:
         if not payloads:
             return
         with self._append_lock:
-            if self._broken is not None:
-                raise OutboxError(f"outbox unusable after an earlier write error: {self._broken}")
+            if self._torn:
+                self._roll_back()  # raises while it still cannot cut: nothing is written behind garbage
+            self._created = []
             try:
                 self._append_locked(payloads)
-            except OSError as e:
+            except OSError:
                 # The file may now hold a partial record after the committed size; appending
-                # more behind it would bury good records. Recovery on the next start cuts it.
-                self._broken = e
+                # more behind it would bury good records: cut it now (or before the next append).
+                self._torn = True
+                try:
+                    self._roll_back()
+                except OSError as e:
+                    log.error("outbox: cannot cut a failed append back yet (%s); trying again before the next one", e)
                 raise
         self._enforce_bound()
+
+    def _roll_back(self) -> None:
+        """Undo a failed append: back to the last committed segment and size. Call with the
+        append lock held."""
+        with self._lock:
+            active = self._segments[-1]
+            size = active.size
+        if self._created:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+            self._fd = os.open(active.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+            for path in self._created:
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+            self._created = []
+        elif self._fd < 0:
+            self._fd = os.open(active.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        os.ftruncate(self._fd, size)
+        self._torn = False
 
     def _append_locked(self, payloads: list[bytes]) -> None:
         with self._lock:
@@ -292,7 +328,12 @@ class Outbox:
         """Close the current segment file and start the next; returns its path."""
         path = os.path.join(self.folder, segment_name(first_seq))
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        fsync_dir(self.folder)  # the new name is durable before any record in it is acknowledged
+        self._created.append(path)
+        try:
+            fsync_dir(self.folder)  # the new name is durable before any record in it is acknowledged
+        except OSError:
+            os.close(fd)
+            raise
         os.close(self._fd)
         self._fd = fd
         return path
@@ -409,7 +450,10 @@ class Outbox:
         # A cursor that lags on disk only means duplicates after a crash (delivery is at least
         # once), so it is saved at most once a second, and always before a segment goes.
         if time.monotonic() - self._saved_at >= CURSOR_SAVE_INTERVAL:
-            self.save_cursors()
+            try:
+                self.save_cursors()
+            except OSError:
+                return  # noted in cursor_error; the main thread tries again every second
         self._remove_passed_segments()
 
     def save_cursors(self) -> None:
@@ -423,13 +467,22 @@ class Outbox:
                 unsaved = {name: self._cursors[name] for name in self._unsaved if name in self._cursors}
                 self._unsaved.clear()
                 self._saved_at = time.monotonic()
+            left = list(unsaved)
             for name, cursor in unsaved.items():
                 try:
                     self._persist_cursor(name, cursor)
-                except OSError:
+                    left.remove(name)
+                except OSError as e:
                     with self._lock:
-                        self._unsaved.add(name)  # try again next time
+                        self._unsaved.update(left)  # try them again next time
+                    if self.cursor_error is None:
+                        log.error("outbox: cannot save the cursor of sink %s: %s; it stays in memory and is "
+                                  "tried again every second (a crash meanwhile only means duplicates)", name, e)
+                    self.cursor_error = f"cannot save the cursor of sink {name}: {e}"
                     raise
+            if unsaved and self.cursor_error is not None:
+                log.info("outbox: sink cursors saved again")
+                self.cursor_error = None
 
     def _position_after(self, sink: str, seq: int) -> Cursor:
         last = self._last_read.get(sink)
@@ -472,7 +525,10 @@ class Outbox:
 
     def _remove_passed_segments(self) -> None:
         if self._unsaved and len(self._segments) > 1 and self._slowest_next_seq() >= self._segments[1].first_seq:
-            self.save_cursors()  # no cursor on disk may point into a segment about to be deleted
+            try:
+                self.save_cursors()  # no cursor on disk may point into a segment about to be deleted
+            except OSError:
+                return  # the segments stay until the cursors are saved
         with self._lock:
             passed = []
             # Passed: every sink has reached the first record of the next segment.
@@ -500,12 +556,15 @@ class Outbox:
     def _unlink(self, segments: list[_Segment]) -> None:
         if not segments:
             return
-        for seg in segments:
-            try:
-                os.unlink(seg.path)
-            except FileNotFoundError:
-                pass
-        fsync_dir(self.folder)
+        try:
+            for seg in segments:
+                try:
+                    os.unlink(seg.path)
+                except FileNotFoundError:
+                    pass
+            fsync_dir(self.folder)
+        except OSError as e:  # a read-only state_dir: the files stay; the next start finds them passed
+            log.error("outbox: cannot remove %d passed segment(s): %s", len(segments), e)
 
     # -- the bound -----------------------------------------------------------------------
 
@@ -534,7 +593,10 @@ class Outbox:
             dropped_total = self.dropped
         self._unlink(dropped_segments)
         if lost:
-            write_atomic(os.path.join(self.folder, "stats"), msgspec.json.encode(_Stats(dropped_total)))
+            try:
+                write_atomic(os.path.join(self.folder, "stats"), msgspec.json.encode(_Stats(dropped_total)))
+            except OSError as e:  # only the count after a restart
+                log.error("outbox: cannot save the dropped count: %s", e)
             self._log_drop(lost, len(dropped_segments), total, dropped_total)
 
     def _log_drop(self, lost: int, segments: int, total: int, dropped_total: int) -> None:

@@ -18,6 +18,15 @@ acknowledge each result to the runner that sent it (SPEC §7: a result is acknow
 it is on disk); about once a second, save the sink cursors and send PublisherStats. Delivery
 runs in one thread per sink (delivery.py).
 
+When the outbox cannot be written (a full or read-only state_dir, an I/O error), nothing
+is acknowledged and we do not exit: the results wait here in memory, in order, up to
+memory_max bytes of result payload (past it the oldest are forgotten and counted in
+`dropped`: never acknowledged, so their runners still hold them, up to their own bound; once
+the outbox takes writes again we close those runners' connections, so that they reconnect and
+send everything unacknowledged again). The append is tried again about once a second
+(OUTBOX_RETRY); the first that succeeds writes, acknowledges and delivers everything waiting.
+Status and metrics show the error meanwhile (PublisherStats.outbox_error).
+
 A runner that sends a frame that does not decode loses its connection (its results that were
 not acknowledged are sent again when it reconnects); nothing else is affected.
 
@@ -61,6 +70,7 @@ DIGEST_DELAY = 0.1  # status learns of committed results this soon (more stats f
 MAX_STATS_BACKLOG = 1 << 20  # the supervisor is not reading: skip stats rather than queue them
 EXIT_BAD_FRAME = 65  # sysexits EX_DATAERR
 EXIT_OUTBOX_ERROR = 74  # sysexits EX_IOERR
+OUTBOX_RETRY = 1.0  # while the outbox cannot be written: try again this often
 
 log = logging.getLogger("publisher")
 
@@ -131,6 +141,12 @@ class PublisherProcess:
         self.tallies: defaultdict[str, JobTally] = defaultdict(JobTally)
         self.digest_due = float("inf")
         self.max_frame = 4 * MAX_FRAME  # a result holds at most a plugin's output limit, JSON-escaped
+        self.memory_max = config.memory_max
+        self.outbox_error: str | None = None  # why the last append failed; None once one succeeds
+        self.outbox_write_errors = 0
+        self.waiting_bytes = 0  # result payload bytes in self.received
+        self.memory_dropped = 0  # results forgotten past memory_max (never acknowledged)
+        self.forgot_from: set[RunnerConnection] = set()  # runners whose results we forgot: to reconnect
 
     def serve(self) -> int:
         self._install_signals()
@@ -148,15 +164,19 @@ class PublisherProcess:
             if self.received:
                 # Results wait for their window: sleep through it rather than wake for every
                 # runner's frame, then take all that came meanwhile in one pass.
-                if now < self.commit_at and len(self.received) < self.batch_max:
-                    time.sleep(self.commit_at - now)
-                timeout = 0.0
+                if self.outbox_error is not None:  # waiting to retry: keep reading meanwhile
+                    timeout = max(0.0, min(self.commit_at, self.next_stats_at, self.digest_due) - now)
+                else:
+                    if now < self.commit_at and len(self.received) < self.batch_max:
+                        time.sleep(self.commit_at - now)
+                    timeout = 0.0
             else:
                 timeout = max(0.0, min(self.next_stats_at, self.digest_due) - now)
             for key, _ in self.sel.select(timeout):
                 key.data()
             self.handle_signals()
-            if self.received and (time.monotonic() >= self.commit_at or len(self.received) >= self.batch_max):
+            if self.received and (time.monotonic() >= self.commit_at
+                                  or (len(self.received) >= self.batch_max and self.outbox_error is None)):
                 self.commit()
         return self.shutdown()
 
@@ -199,6 +219,9 @@ class PublisherProcess:
         if frames and not self.received:
             self.commit_at = time.monotonic() + COALESCE
         self.received.extend((conn, frame) for frame in frames)
+        self.waiting_bytes += sum(len(frame.result) for frame in frames)
+        if self.waiting_bytes > self.memory_max:
+            self._forget_oldest()
         if conn.channel.eof:
             self.drop_runner(conn)
 
@@ -219,19 +242,44 @@ class PublisherProcess:
             self.sel.unregister(self.channel.rfd)
             self.stop("the supervisor closed the pipe")
 
+    def _forget_oldest(self) -> None:
+        """Over memory_max while the outbox cannot be written: forget the oldest results (never
+        acknowledged: their runners still hold them and send them again on reconnecting)."""
+        n = 0
+        while self.waiting_bytes > self.memory_max and len(self.received) > 1:
+            conn, message = self.received.pop(0)
+            self.forgot_from.add(conn)
+            self.waiting_bytes -= len(message.result)
+            n += 1
+        if n:
+            if not self.memory_dropped:
+                log.warning("results waiting for the outbox are over memory_max (%d bytes): forgetting the oldest "
+                            "(counted in dropped; their runners still hold them)", self.memory_max)
+            self.memory_dropped += n
+
     def commit(self) -> None:
         """One append and fsync for everything read; then each runner hears which are safe."""
-        batch, self.received, self.commit_at = self.received, [], float("inf")
+        batch = self.received
         try:
             if self.job_titles is not None:
                 self.job_titles.note(message for _, message in batch)
             self.outbox.append_many([message.result for _, message in batch])
         except OSError as e:
-            # Nothing of this batch is acknowledged; the runners send it again to the next publisher.
-            log.error("cannot write the outbox: %s; exiting", e)
-            self.exit_code = EXIT_OUTBOX_ERROR
-            self.stop("outbox write error")
+            # Nothing of this batch is acknowledged: it waits here (its runners hold it too)
+            # and the append is tried again in OUTBOX_RETRY.
+            self.outbox_write_errors += 1
+            self.commit_at = time.monotonic() + OUTBOX_RETRY
+            if self.outbox_error is None:
+                log.error("cannot write the outbox: %s; %d results wait in memory (up to memory_max) and are "
+                          "not acknowledged; trying again every %.0fs", e, len(batch), OUTBOX_RETRY)
+                self.digest_due = time.monotonic()  # status shows it at once
+            self.outbox_error = f"cannot write the outbox: {e}"
             return
+        self.received, self.commit_at, self.waiting_bytes = [], float("inf"), 0
+        if self.outbox_error is not None:
+            log.info("the outbox takes writes again: %d waiting results written", len(batch))
+            self.outbox_error = None
+            self.digest_due = time.monotonic()
         with self.wakeup:
             self.wakeup.notify_all()
         self.digest_due = min(self.digest_due, time.monotonic() + DIGEST_DELAY)
@@ -242,6 +290,13 @@ class PublisherProcess:
         for conn, uuids in acks.items():
             if conn in self.runners:
                 self.ack(conn, uuids)
+        if self.forgot_from:
+            # A runner resends what is unacknowledged only on a new connection: close the
+            # connections whose results we forgot (after their acks), so that they come again.
+            for conn in self.forgot_from & self.runners:
+                self._flush_briefly(conn)
+                self.drop_runner(conn)
+            self.forgot_from.clear()
 
     def ack(self, conn: RunnerConnection, uuids: list[str]) -> None:
         try:
@@ -266,8 +321,8 @@ class PublisherProcess:
             self.next_stats_at = now + STATS_INTERVAL
             try:
                 self.outbox.save_cursors()  # the sinks' progress reaches the disk within about a second
-            except OSError as e:  # only means duplicates after a crash; tried again next second
-                log.error("cannot save the sink cursors: %s", e)
+            except OSError:  # only means duplicates after a crash; tried again next second (logged once)
+                pass
         elif now < self.digest_due:
             return
         self.digest_due = float("inf")
@@ -281,7 +336,10 @@ class PublisherProcess:
         self.tallies.clear()
         return PublisherStats(
             outbox_results=outbox["outbox_results"], outbox_bytes=outbox["outbox_bytes"],
-            dropped=outbox["dropped"], sinks=[w.stats(outbox["sinks"][w.name]) for w in self.workers], jobs=jobs)
+            dropped=outbox["dropped"] + self.memory_dropped,
+            sinks=[w.stats(outbox["sinks"][w.name]) for w in self.workers], jobs=jobs,
+            outbox_error=self.outbox_error or self.outbox.cursor_error,
+            outbox_write_errors=self.outbox_write_errors, waiting=len(self.received), waiting_bytes=self.waiting_bytes)
 
     def send(self, message: PublisherStats) -> None:
         try:
@@ -330,7 +388,7 @@ class PublisherProcess:
         is pending (none after an error), then leave."""
         log.info("stopping: %s", self.stopping)
         if self.received and self.exit_code != EXIT_OUTBOX_ERROR:
-            self.commit()
+            self.commit()  # (if the outbox still fails, they stay unacknowledged: their runners resend them)
             for conn in list(self.runners):
                 self._flush_briefly(conn)
         drain = DRAIN_TIMEOUT if self.exit_code == 0 else 0.0
