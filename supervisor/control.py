@@ -8,28 +8,49 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import selectors
 import socket
+import time
 from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
-MAX_REQUEST = 64 << 10
+MAX_REQUEST = 64 << 10  # the request line, the headers and the body together
+MAX_CONNS = 64  # open control connections; at the cap a new one pushes out the oldest
+CONN_DEADLINE = 10.0  # seconds from accept to the answer sent: a slow client is dropped
 _REASONS = {200: "OK", 202: "Accepted", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-            413: "Payload Too Large", 500: "Internal Server Error"}
+            409: "Conflict", 413: "Payload Too Large", 500: "Internal Server Error"}
 
 # A handler gets (method, path) and returns (status, content type, body).
 Handler = Callable[[str, str], tuple[int, str, bytes]]
 
 
+class _Conn:
+    __slots__ = ("sock", "buf", "deadline", "out")
+
+    def __init__(self, sock: socket.socket, deadline: float):
+        self.sock = sock
+        self.buf = bytearray()
+        self.deadline = deadline
+        self.out: memoryview | None = None  # the answer still to send
+
+
 class ControlServer:
+    """Every connection is bounded: at most MAX_REQUEST bytes in, CONN_DEADLINE seconds from
+    accept until its answer is sent (read and write are both non-blocking, so a client that
+    trickles its request or never reads the answer holds nothing but its own fd), and at most
+    MAX_CONNS at once (the oldest is dropped for a new one). The loop calls `expire(now)` and
+    takes `next_timer()` into its select timeout."""
+
     def __init__(self, path: str, selector: selectors.BaseSelector, handler: Handler):
         self.path = path
         self.selector = selector
         self.handler = handler
         self.sock: socket.socket | None = None
-        self.conns: dict[int, tuple[socket.socket, bytearray]] = {}
+        self.conns: dict[int, _Conn] = {}  # by fd, in accept order
+        self.dropped = 0  # connections dropped for the deadline or the cap
 
     def listen(self) -> None:
         if os.path.exists(self.path):
@@ -49,17 +70,49 @@ class ControlServer:
         self.selector.register(sock, selectors.EVENT_READ, self.accept)
 
     def accept(self) -> None:
-        while True:
+        for _ in range(MAX_CONNS):  # a bounded batch; the rest on the next turn of the loop
             try:
                 conn, _ = self.sock.accept()
             except BlockingIOError:
                 return
+            except OSError as e:  # EMFILE, ENFILE, ENOBUFS: never the loop's end
+                log.warning("control socket: cannot accept a connection: %s", e)
+                if self.conns:
+                    self._drop_oldest()
+                return
+            if len(self.conns) >= MAX_CONNS:
+                self._drop_oldest()
             conn.setblocking(False)
-            self.conns[conn.fileno()] = (conn, bytearray())
-            self.selector.register(conn, selectors.EVENT_READ, lambda c=conn: self.read(c))
+            c = _Conn(conn, time.monotonic() + CONN_DEADLINE)
+            self.conns[conn.fileno()] = c
+            self.selector.register(conn, selectors.EVENT_READ, lambda c=c: self._ready(c))
+
+    def next_timer(self) -> float:
+        return next(iter(self.conns.values())).deadline if self.conns else math.inf
+
+    def expire(self, now: float) -> None:
+        """Drop every connection past its deadline (they are in accept order)."""
+        while self.conns:
+            c = next(iter(self.conns.values()))
+            if c.deadline > now:
+                return
+            self.dropped += 1
+            self._close(c.sock)
+
+    def _drop_oldest(self) -> None:
+        self.dropped += 1
+        self._close(next(iter(self.conns.values())).sock)
+
+    def _ready(self, c: _Conn) -> None:
+        if c.out is not None:
+            return self._send(c)
+        self.read(c.sock)
 
     def read(self, conn: socket.socket) -> None:
-        _, buf = self.conns[conn.fileno()]
+        c = self.conns.get(conn.fileno())
+        if c is None or c.out is not None:
+            return
+        buf = c.buf
         try:
             chunk = conn.recv(8192)
         except BlockingIOError:
@@ -71,9 +124,10 @@ class ControlServer:
         buf += chunk
         if len(buf) > MAX_REQUEST:
             return self._respond(conn, 413, "text/plain", b"request too large\n")
-        head, sep, body = bytes(buf).partition(b"\r\n\r\n")
-        if not sep:
+        end = buf.find(b"\r\n\r\n", max(0, len(buf) - len(chunk) - 3))
+        if end < 0:
             return
+        head, body = bytes(buf[:end]), buf[end + 4:]
         lines = head.decode("latin-1").split("\r\n")
         parts = lines[0].split(" ")
         if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
@@ -86,6 +140,10 @@ class ControlServer:
                     length = int(value.strip())
                 except ValueError:
                     return self._respond(conn, 400, "text/plain", b"bad content-length\n")
+        if length < 0:
+            return self._respond(conn, 400, "text/plain", b"bad content-length\n")
+        if end + 4 + length > MAX_REQUEST:
+            return self._respond(conn, 413, "text/plain", b"request too large\n")
         if len(body) < length:
             return
         method, target = parts[0], parts[1].split("?", 1)[0]
@@ -97,15 +155,28 @@ class ControlServer:
         self._respond(conn, status, ctype, payload)
 
     def _respond(self, conn: socket.socket, status: int, ctype: str, body: bytes) -> None:
+        """Send what the socket takes now; the rest as it becomes writable, until the deadline."""
+        c = self.conns.get(conn.fileno())
+        if c is None:
+            return
         head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\nContent-Type: {ctype}\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+        c.buf = bytearray()  # the request is done with
+        c.out = memoryview(head + body)
+        self._send(c)
+        if c.out is not None and c.sock.fileno() in self.conns:
+            self.selector.modify(c.sock, selectors.EVENT_WRITE, lambda c=c: self._ready(c))
+
+    def _send(self, c: _Conn) -> None:
         try:
-            conn.setblocking(True)
-            conn.settimeout(2.0)  # a client that does not read its answer gets dropped
-            conn.sendall(head + body)
+            while c.out:
+                n = c.sock.send(c.out)
+                c.out = c.out[n:]
+        except BlockingIOError:
+            return
         except OSError:
             pass
-        self._close(conn)
+        self._close(c.sock)
 
     def _close(self, conn: socket.socket) -> None:
         self.conns.pop(conn.fileno(), None)
@@ -116,8 +187,8 @@ class ControlServer:
         conn.close()
 
     def close(self) -> None:
-        for conn, _ in list(self.conns.values()):
-            self._close(conn)
+        for c in list(self.conns.values()):
+            self._close(c.sock)
         if self.sock is not None:
             self.selector.unregister(self.sock)
             self.sock.close()

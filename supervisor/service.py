@@ -259,6 +259,7 @@ class Service:
             for key, mask in self.selector.select(timeout):
                 key.data()
             now = time.monotonic()
+            self.control.expire(now)
             self.handle_signals(now)
             if self.stopping:
                 break
@@ -279,7 +280,8 @@ class Service:
         return self.shutdown()
 
     def _next_timer(self, now: float) -> float:
-        timers = [self.next_resync, self.next_child_check, self.manager.next_timer(), self.notifier.next_timer()]
+        timers = [self.next_resync, self.next_child_check, self.manager.next_timer(), self.notifier.next_timer(),
+                  self.control.next_timer()]
         timers += [t for t in (self.publisher.restart_at, self.zygote_restart_at) if t is not None]
         if self.folder_dirty:
             timers.append(now)

@@ -24,7 +24,7 @@ import re
 import ssl
 import threading
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
 import msgspec
@@ -43,6 +43,13 @@ log = logging.getLogger("supervisor.sync")
 SOURCE = "http"  # the store's folder for this source
 MAX_BODY = 64 << 20  # a larger answer is refused without being read whole
 CHUNK = 1 << 20
+MAX_ENTRIES = 10_000  # entries of `upserted`, and of `deleted`, in one answer; more fail it whole
+# JSON values in one answer. Decoding makes a Python object of each (~70 bytes for the smallest),
+# and msgspec checks an array's length only once it has made all of them: 64 MiB of `{},` would
+# be 22 million dicts. So the values are counted first (an upper bound, strings left out), and
+# an answer with more is refused before it is decoded: its decoding costs at most ~70 MB.
+MAX_VALUES = 1_000_000
+_JSON_STRING_RE = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 TOTAL_TIMEOUT_FACTOR = 10  # one whole exchange must end within 10 x timeout (a trickling server)
 BACKOFF_CAP_FACTOR = 10  # failures back off up to 10 x sync_interval (SPEC §5)
 _NAME_RE = re.compile(NAME_PATTERN)
@@ -70,8 +77,9 @@ class _Diff(msgspec.Struct):
 
     revision: str
     complete: bool
-    upserted: list[Any] = []
-    deleted: list[Any] = []
+    # the length is checked as the array is read: a million-entry answer fails at entry 10,001
+    upserted: Annotated[list[Any], msgspec.Meta(max_length=MAX_ENTRIES)] = []
+    deleted: Annotated[list[Any], msgspec.Meta(max_length=MAX_ENTRIES)] = []
 
 
 _decode_diff = msgspec.json.Decoder(_Diff).decode
@@ -86,12 +94,20 @@ def _failed(since: str | None, error: str) -> SyncResult:
 def parse_diff(body: bytes, source: str, since: str | None) -> SyncResult:
     """A 200 body -> a snapshot or a delta, each spec validated alone; or a failure when the
     body as a whole is unusable (then nothing of it is applied)."""
+    if len(body) > MAX_VALUES:  # a shorter body cannot hold that many values
+        bare = _JSON_STRING_RE.sub(b"", body)
+        values = sum(bare.count(c) for c in (b",", b":", b"[", b"{")) + 1
+        del bare
+        if values > MAX_VALUES:
+            return _failed(since, f"answer too large: more than {MAX_VALUES} JSON values")
     try:
         diff = _decode_diff(body)
     except msgspec.ValidationError as e:
         return _failed(since, f"answer is not the right shape: {validation_reason(e)}")
     except msgspec.DecodeError as e:
         return _failed(since, f"answer is not JSON: {e}")
+    except RecursionError:  # msgspec stops at the interpreter's recursion limit
+        return _failed(since, "answer is not usable JSON: nested too deep")
     rev = diff.revision
     if not rev or len(rev) > 1024 or rev != rev.strip() or not rev.isprintable():
         return _failed(since, f"answer is not the right shape: $.revision: not a usable revision: {rev[:80]!r}")
