@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tomllib
 import uuid as uuidlib
@@ -9,9 +10,11 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from supervisor.files import write_atomic
+from supervisor.files import set_aside, write_atomic
 from supervisor.spec import Limits, Name, validation_reason
 from runner.units import Duration, Size, dec_hook
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = "/etc/assessment-runtime/config.toml"
 CONFIG_ENV = "ASSESSMENT_RUNTIME_CONFIG"
@@ -378,10 +381,17 @@ def load_runtime_uuid(config: Config) -> str:
         return config.runtime_uuid
     path = os.path.join(config.state_dir, "runtime_uuid")
     try:
-        with open(path, encoding="ascii") as f:
-            return str(uuidlib.UUID(f.read().strip()))
-    except (OSError, ValueError):
-        pass
+        with open(path, "rb") as f:
+            return str(uuidlib.UUID(f.read().decode("ascii").strip()))
+    except FileNotFoundError:
+        damaged = False
+    except (OSError, ValueError) as e:
+        # Nothing else holds the identity for sure: a new one, and the old file kept for an operator.
+        damaged = True
+        log.error("unreadable %s (%s): %s; this runtime gets a new uuid", path, e, set_aside(path, config.state_dir))
     value = str(uuidlib.uuid4())
-    write_atomic(path, value.encode() + b"\n")
+    try:
+        write_atomic(path, value.encode() + b"\n")
+    except OSError as e:
+        log.error("cannot keep the new runtime uuid %s in %s: %s", value, "it" if damaged else path, e.strerror)
     return value
