@@ -131,9 +131,12 @@ class Outbox:
             self._segments.append(_Segment(first, path, os.stat(path).st_size))
             self._firsts.append(first)
         saved = {name: self._load_cursor(name) for name in sinks}
+        cut = False
         if self._segments:
             last = self._segments[-1]
+            size_before = last.size
             last.size, count = self._recover_tail(last)
+            cut = last.size < size_before
             self._next_seq = last.first_seq + count
         else:
             # Everything was delivered and removed (or this is a new outbox): the cursors
@@ -142,7 +145,7 @@ class Outbox:
             self._new_segment(self._next_seq)
         self._fd = os.open(self._segments[-1].path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         for name, cursor in saved.items():
-            if cursor is not None and cursor.next_seq > self._next_seq:
+            if cursor is not None and cursor.next_seq > self._next_seq and not cut:  # (a cut is logged)
                 log.error("outbox: sink %s had taken results up to %d but %s ends at %d: the segment lost "
                           "results", name, cursor.next_seq - 1, self._segments[-1].path, self._next_seq - 1)
         for seg, after in zip(self._segments, self._segments[1:]):
