@@ -10,9 +10,11 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from supervisor.files import write_atomic
+from supervisor.files import set_aside, write_atomic
 from supervisor.spec import Limits, Name, validation_reason
 from runner.units import Duration, Size, dec_hook
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = "/etc/assessment-runtime/config.toml"
 CONFIG_ENV = "ASSESSMENT_RUNTIME_CONFIG"
@@ -380,10 +382,13 @@ def load_runtime_uuid(config: Config) -> str:
         return config.runtime_uuid
     path = os.path.join(config.state_dir, "runtime_uuid")
     try:
-        with open(path, encoding="ascii") as f:
-            return str(uuidlib.UUID(f.read().strip()))
-    except (OSError, ValueError):
+        with open(path, "rb") as f:
+            return str(uuidlib.UUID(f.read().decode("ascii").strip()))
+    except FileNotFoundError:
         pass
+    except (OSError, ValueError) as e:
+        # Nothing else holds the identity for sure: a new one, and the old file kept for an operator.
+        log.error("unreadable %s (%s): %s; this runtime gets a new uuid", path, e, set_aside(path, config.state_dir))
     value = str(uuidlib.uuid4())
     save_runtime_uuid(config, value)
     return value

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 
 def fsync_dir(path: str) -> None:
@@ -41,3 +42,17 @@ def remove_durably(path: str) -> None:
     except FileNotFoundError:
         return
     fsync_dir(os.path.dirname(path) or ".")
+
+
+def set_aside(path: str, state_dir: str) -> str:
+    """Move a state file that does not load to state_dir/quarantine/ (kept for an operator);
+    returns what happened, for the one log line that reports it."""
+    folder = os.path.join(state_dir, "quarantine")
+    target = os.path.join(folder, f"{os.path.basename(path)}-{time.time_ns()}")
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        os.replace(path, target)
+        fsync_dir(os.path.dirname(path) or ".")
+    except OSError as e:  # a read-only state_dir: it stays, and is ignored again next time
+        return f"left in place (cannot move it: {e.strerror})"
+    return f"moved to {target}"

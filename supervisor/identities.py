@@ -16,10 +16,11 @@ import hashlib
 import logging
 import os
 import pwd
+import stat
 
 import msgspec
 
-from supervisor.files import write_atomic
+from supervisor.files import set_aside, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -33,25 +34,47 @@ class IdentityError(Exception):
 class Identities:
     def __init__(self, state_dir: str, first: int, last: int):
         self.path = os.path.join(state_dir, FILE)
+        self.state_dir = state_dir
         self.first, self.last = first, last
         self.uids: dict[str, int] = {}
         self._load()
 
     def _load(self) -> None:
+        recovered = False
         try:
             with open(self.path, "rb") as f:
                 stored = msgspec.json.decode(f.read(), type=dict[str, int])
         except FileNotFoundError:
             return
         except (OSError, msgspec.DecodeError, msgspec.ValidationError) as e:
-            log.error("%s is unreadable (%s): jobs get new uids", self.path, e)
-            return
+            stored, recovered = self._from_scratch(), True
+            log.error("%s is unreadable (%s): %s; %d job(s) keep the uid that owns their scratch folder, "
+                      "the others get new uids", self.path, e, set_aside(self.path, self.state_dir), len(stored))
         seen: set[int] = set()
         for uuid, uid in sorted(stored.items()):
             # a uid outside today's range, or one the databases now know, is given out again
             if self.first <= uid <= self.last and uid not in seen and not _known(uid):
                 self.uids[uuid] = uid
                 seen.add(uid)
+        if recovered:
+            self._save()
+
+    def _from_scratch(self) -> dict[str, int]:
+        """Each job's uid as its scratch folder (state_dir/scratch/<job uuid>, owned by it) tells."""
+        found: dict[str, int] = {}
+        scratch = os.path.join(self.state_dir, "scratch")
+        try:
+            names = os.listdir(scratch)
+        except OSError:
+            return found
+        for name in names:
+            try:
+                st = os.lstat(os.path.join(scratch, name))
+            except OSError:
+                continue
+            if stat.S_ISDIR(st.st_mode) and st.st_uid != 0:
+                found[name] = st.st_uid
+        return found
 
     def assign(self, uuids) -> dict[str, int]:
         """Give every job in `uuids` its uid (keeping those it has). Raises IdentityError when

@@ -1,11 +1,14 @@
 """The on-disk spec store: the last good specs of every source, kept under state_dir.
 
 Layout: `specs/<source>/<uuid>.json` (each `{"source": ..., "spec": {...}}`),
-`specs/<source>/revision` (the Configuration service's opaque revision), `rejected` (that
-source's rejected specs, JSON) and `location` (the endpoint the revision belongs to). Every
-write is atomic; specs and rejections are written before the revision, so a crash never
-leaves a revision that claims more than the store holds. A file that does not load is moved
-to `quarantine/` and reported; it is never fatal. After a restart the stored specs run before any source answers.
+`specs/<source>/revision` (the Configuration service's opaque revision, a JSON string),
+`rejected` (that source's rejected specs, JSON) and `location` (the endpoint the revision
+belongs to, a JSON string; both were plain text before, which still loads). Every write is
+atomic; specs and rejections are written before the revision, so a crash never leaves a
+revision that claims more than the store holds. A file that does not load is moved to
+`quarantine/` with one log line; it is never fatal. When a source's spec or rejections file
+did not load, its revision no longer vouches for the store and is forgotten: the next sync
+asks for the full set. After a restart the stored specs run before any source answers.
 """
 
 from __future__ import annotations
@@ -49,20 +52,28 @@ class SpecStore:
         for source in SOURCES:
             folder = os.path.join(self.root, source)
             os.makedirs(folder, mode=0o700, exist_ok=True)
+            lost = False  # a file of this source did not load: the revision claims more than we have
             for name in sorted(os.listdir(folder)):
                 path = os.path.join(folder, name)
-                if name == "revision":
-                    self.revisions[source] = _read_text(path)
-                elif name == "location":
-                    self.locations[source] = _read_text(path)
+                if name in ("revision", "location"):
+                    value = self._load_value(source, path)
+                    (self.revisions if name == "revision" else self.locations)[source] = value
                 elif name == "rejected":
-                    self._load_rejections(source, path)
+                    lost |= not self._load_rejections(source, path)
                 elif name.endswith(".json"):
-                    self._load_spec(source, path)
+                    lost |= not self._load_spec(source, path)
                 elif ".tmp." in name:
                     os.unlink(path)  # a write that a crash interrupted
+            if lost and self.revisions[source] is not None:
+                log.warning("spec store: forgetting the stored revision of source %s: the next sync asks for "
+                            "the full set", source)
+                try:
+                    self.forget_revision(source)
+                except OSError as e:
+                    self.revisions[source] = None
+                    log.error("cannot remove the stored revision of source %s: %s", source, e)
 
-    def _load_spec(self, source: str, path: str) -> None:
+    def _load_spec(self, source: str, path: str) -> bool:
         try:
             with open(path, "rb") as f:
                 stored = msgspec.json.decode(f.read(), type=_Stored)
@@ -71,23 +82,50 @@ class SpecStore:
                 raise SpecError(f"file name does not match uuid {spec.job.uuid}")
         except (OSError, msgspec.DecodeError, msgspec.ValidationError, SpecError) as e:
             self._quarantine(source, path, getattr(e, "reason", None) or str(e))
-            return
+            return False
         self.specs[source][spec.job.uuid] = spec
+        return True
 
-    def _load_rejections(self, source: str, path: str) -> None:
+    def _load_rejections(self, source: str, path: str) -> bool:
         try:
             with open(path, "rb") as f:
                 self.rejections[source] = msgspec.json.decode(f.read(), type=list[Rejection])
+            return True
         except (OSError, msgspec.DecodeError, msgspec.ValidationError) as e:
-            log.warning("cannot read %s (%s); the next full sync lists rejections again", path, e)
+            target = self._set_aside(source, path)
+            log.error("corrupt stored rejections %s %s: %s", path, target, e)
+            return False
+
+    def _load_value(self, source: str, path: str) -> str | None:
+        """A revision or location: a JSON string (a cut one does not decode), or the plain text
+        of earlier versions. Anything else is set aside and counts as none."""
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+            value = msgspec.json.decode(data, type=str) if data[:1] == b'"' else data.decode("utf-8").strip()
+            if not value or len(value) > 4096 or value != value.strip() or not value.isprintable():
+                raise ValueError("not a usable value")
+            return value
+        except (OSError, ValueError, msgspec.DecodeError, msgspec.ValidationError) as e:
+            target = self._set_aside(source, path)
+            log.error("corrupt stored %s %s %s (%s): ignored", os.path.basename(path), path, target, e)
+            return None
+
+    def _set_aside(self, source: str, path: str) -> str:
+        """Move a file that did not load to quarantine/; says where it went (for the log line)."""
+        target = os.path.join(self.quarantine_dir, f"{source}-{os.path.basename(path)}-{time.time_ns()}")
+        try:
+            os.makedirs(self.quarantine_dir, mode=0o700, exist_ok=True)
+            os.replace(path, target)
+            fsync_dir(os.path.dirname(path))
+        except OSError as e:  # a read-only state_dir: it stays, and is ignored again next time
+            return f"left in place (cannot move it: {e.strerror})"
+        return f"moved to {target}"
 
     def _quarantine(self, source: str, path: str, reason: str) -> None:
-        os.makedirs(self.quarantine_dir, mode=0o700, exist_ok=True)
-        target = os.path.join(self.quarantine_dir, f"{source}-{os.path.basename(path)}-{time.time_ns()}")
-        os.replace(path, target)
-        fsync_dir(os.path.dirname(path))
+        target = self._set_aside(source, path)
         uuid = os.path.basename(path).removesuffix(".json")
-        message = f"corrupt stored spec {path} moved to {target}: {reason}"
+        message = f"corrupt stored spec {path} {target}: {reason}"
         log.error("%s", message)
         self.problems.append(Rejection(uuid=uuid, source=f"store:{source}", reason=message))
 
@@ -135,7 +173,7 @@ class SpecStore:
                 remove_durably(path)
             self.rejections[source] = list(rejected)
         if revision is not None and revision != self.revisions[source]:
-            write_atomic(os.path.join(folder, "revision"), revision.encode())
+            write_atomic(os.path.join(folder, "revision"), msgspec.json.encode(revision))
             self.revisions[source] = revision
         return changed
 
@@ -151,7 +189,7 @@ class SpecStore:
             return False
         forgot = self.revisions[source] is not None
         self.forget_revision(source)  # first: never a revision next to a location it is not from
-        write_atomic(os.path.join(self.root, source, "location"), location.encode())
+        write_atomic(os.path.join(self.root, source, "location"), msgspec.json.encode(location))
         self.locations[source] = location
         return forgot
 
@@ -199,10 +237,3 @@ def _write_files(folder: str, files: list[tuple[str, bytes]]) -> None:
                 pass
     fsync_dir(folder)
 
-
-def _read_text(path: str) -> str | None:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read().strip() or None
-    except OSError:
-        return None

@@ -65,7 +65,7 @@ def test_apply_writes_files_that_a_fresh_store_loads(tmp_path):
     folder = tmp_path / "specs"
     assert files_in(folder / "dir") == ["job-a.json", "job-b.json"]
     assert files_in(folder / "http") == ["job-h.json", "revision"]
-    assert (folder / "http" / "revision").read_text().strip() == "rev-1"
+    assert json.loads((folder / "http" / "revision").read_text()) == "rev-1"
     stored = json.loads((folder / "dir" / "job-a.json").read_bytes())
     assert stored["source"] == "dir:/jobs.d/a.json"
     assert stored["spec"] == spec_doc("job-a", title="A", limits={"memory": "64MiB"})
@@ -209,9 +209,10 @@ def test_corrupt_stored_file_is_quarantined_and_others_load(tmp_path, name, sour
     again = fresh(tmp_path)
     assert set(again.specs[source]) == {"good-1", "good-2"}
     assert again.specs[source] == store.specs[source]
-    assert again.revisions[source] == "r"
+    # the revision claimed the spec that did not load: forgotten, the next sync is a full one
+    assert again.revisions[source] is None
     assert not bad.exists()
-    assert files_in(folder) == ["good-1.json", "good-2.json", "revision"]
+    assert files_in(folder) == ["good-1.json", "good-2.json"]
     moved = list((tmp_path / "quarantine").iterdir())
     assert len(moved) == 1
     assert moved[0].read_bytes() == CORRUPT[name]
@@ -440,3 +441,14 @@ def test_folder_specs_round_trip_through_the_store(tmp_path):
     again = fresh(tmp_path / "state")
     assert again.specs["dir"] == specs
     assert again.desired()[0] == specs
+
+
+def test_revision_and_location_of_earlier_versions_in_plain_text_still_load(tmp_path):
+    fresh(tmp_path)
+    (tmp_path / "specs" / "http" / "revision").write_text("rev-7\n")
+    (tmp_path / "specs" / "http" / "location").write_text("https://config.example.org/x\n")
+    again = fresh(tmp_path)
+    assert again.revisions["http"] == "rev-7"
+    assert again.locations["http"] == "https://config.example.org/x"
+    again.apply("http", [], [], revision="rev-8")
+    assert fresh(tmp_path).revisions["http"] == "rev-8"

@@ -28,7 +28,7 @@ from supervisor import __version__
 from supervisor.config import ConfigError, Sink as SinkConfig, check_token_file
 from supervisor.publisher import sink as http
 from supervisor.publisher.sink import DEAD_LETTER_BODY, DeliveryError, HttpSink, _Retryable
-from supervisor.files import write_atomic
+from supervisor.files import set_aside, write_atomic
 
 log = logging.getLogger("publisher")
 
@@ -64,7 +64,8 @@ class JobTitles:
         except FileNotFoundError:
             pass
         except (OSError, msgspec.DecodeError, msgspec.ValidationError) as e:
-            log.warning("%s is unreadable (%s): results pending from before take their own titles", self.path, e)
+            log.warning("%s is unreadable (%s): %s; results pending from before take their own titles",
+                        self.path, e, set_aside(self.path, state_dir))
 
     def note(self, batch) -> None:
         """Learn the titles of a batch of Publish frames; written once any is new."""

@@ -108,6 +108,7 @@ class Outbox:
         self._cursors: dict[str, Cursor] = {}
         # sink -> (first seq, (segment, end offset) of each record) of its last read, to advance without a scan
         self._last_read: dict[str, tuple[int, list[tuple[int, int]]]] = {}
+        self._gaps: set[str] = set()  # segments found short of the next one (logged)
         self._fd = -1
         self._torn = False  # a failed append may have left bytes past the committed size: cut them first
         self._created: list[str] = []  # segment files begun by the append in progress
@@ -139,9 +140,12 @@ class Outbox:
             self._segments.append(_Segment(first, path, os.stat(path).st_size))
             self._firsts.append(first)
         saved = {name: self._load_cursor(name) for name in sinks}
+        cut = False
         if self._segments:
             last = self._segments[-1]
+            size_before = last.size
             last.size, count = self._recover_tail(last)
+            cut = last.size < size_before
             self._next_seq = last.first_seq + count
         else:
             # Everything was delivered and removed (or this is a new outbox): the cursors
@@ -149,6 +153,14 @@ class Outbox:
             self._next_seq = max([1] + [c.next_seq for c in saved.values() if c is not None])
             self._new_segment(self._next_seq)
         self._fd = os.open(self._segments[-1].path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        for name, cursor in saved.items():
+            if cursor is not None and cursor.next_seq > self._next_seq and not cut:  # (a cut is logged)
+                log.error("outbox: sink %s had taken results up to %d but %s ends at %d: the segment lost "
+                          "results", name, cursor.next_seq - 1, self._segments[-1].path, self._next_seq - 1)
+        for seg, after in zip(self._segments, self._segments[1:]):
+            if seg.size == 0:
+                log.error("outbox: %s is empty: results %d..%d are lost", seg.path, seg.first_seq,
+                          after.first_seq - 1)
         for name in sinks:
             self._cursors[name] = self._valid_cursor(name, saved[name])
         self._remove_passed_segments()
@@ -178,6 +190,9 @@ class Outbox:
                     problem = "short record header"
                     break
                 length, crc = HEADER.unpack(header)
+                if length == 0:
+                    problem = "zero-length record"
+                    break
                 if length > seg.size - good - HEADER.size:
                     problem = "short record payload"
                     break
@@ -189,16 +204,31 @@ class Outbox:
                 count += 1
         if good < seg.size:
             cut = seg.size - good
+            kept = self._quarantine_tail(seg.path, good)
             fd = os.open(seg.path, os.O_WRONLY | os.O_CLOEXEC)
             try:
                 os.ftruncate(fd, good)
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            log.warning("outbox: cut %d bytes of torn or corrupt tail (%s) from %s after record %d; "
-                        "those results were never acknowledged", cut, problem, seg.path,
-                        seg.first_seq + count - 1)
+            log.warning("outbox: cut %d bytes of torn or corrupt tail (%s) from %s after record %d "
+                        "(the bytes are kept in %s)", cut, problem, seg.path, seg.first_seq + count - 1, kept)
         return good, count
+
+    def _quarantine_tail(self, path: str, good: int) -> str:
+        """Copy what is about to be cut from a segment to state_dir/quarantine/ (it may hold
+        results a damaged record hides); the name, or why it could not be kept."""
+        folder = os.path.join(os.path.dirname(os.path.abspath(self.folder)), "quarantine")
+        target = os.path.join(folder, f"outbox-{os.path.basename(path)}-{good}-{time.time_ns()}")
+        try:
+            with open(path, "rb") as f:
+                f.seek(good)
+                data = f.read()
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+            write_atomic(target, data)
+        except OSError as e:
+            return f"nowhere: {e}"
+        return target
 
     def _load_stats(self) -> _Stats:
         try:
@@ -375,6 +405,9 @@ class Outbox:
             ends: list[tuple[int, int]] = []  # (segment, offset after the record), per record
             offset, seq, taken = cursor.offset, cursor.next_seq, 0
             for path, first_seq, end in plan:
+                if offset == 0 and seq != first_seq:  # the segment before ended short of this one
+                    self._report_gap(plan, first_seq, seq)
+                    break
                 try:
                     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
                 except FileNotFoundError:
@@ -399,6 +432,17 @@ class Outbox:
                         self._last_read[sink] = (cursor.next_seq, ends)
                 return records
         return []
+
+    def _report_gap(self, plan, first_seq: int, seq: int) -> None:
+        """A segment before `first_seq` holds fewer records than the names say (it was cut on
+        disk); records seq..first_seq-1 are lost. Logged once per segment."""
+        before = [p for p, f, _ in plan if f < first_seq][-1]
+        with self._lock:
+            if before in self._gaps:
+                return
+            self._gaps.add(before)
+        log.error("outbox: %s ends after record %d, short of the next segment: results %d..%d are lost",
+                  before, seq - 1, seq, first_seq - 1)
 
     def _normalized_cursor(self, sink: str) -> Cursor:
         """The sink's cursor, moved to the start of the next segment when it sits at the end
@@ -682,6 +726,8 @@ def _read_records(fd: int, offset: int, end: int, first_seq: int, max_records: i
             if len(chunk) < HEADER.size:
                 return records, ends, "short record header"
         length, crc = HEADER.unpack_from(chunk, rel)
+        if length == 0:  # never written: a zeroed block
+            return records, ends, "zero-length record"
         if pos + HEADER.size + length > end:
             return records, ends, "record runs past the committed end"
         if rel + HEADER.size + length <= len(chunk):
