@@ -401,7 +401,7 @@ def save_runtime_uuid(config: Config, value: str) -> bool:
         write_atomic(os.path.join(config.state_dir, "runtime_uuid"), value.encode() + b"\n")
         return True
     except OSError as e:
-        logging.getLogger("supervisor").error(
+        log.error(
             "cannot write %s/runtime_uuid: %s; using %s from memory until it can be written (a restart "
             "before then gets a new one)", config.state_dir, e, value)
         return False
