@@ -464,7 +464,7 @@ def test_first_sync_is_a_snapshot_then_since_with_the_token_and_304(service_fact
     assert source["last_error"] is None and source["consecutive_failures"] == 0 and source["last_success"]
     assert set(pids(status)) == {a["uuid"], b["uuid"]}
     stored = svc.state / "specs" / "http"
-    assert (stored / "revision").read_text().strip() == "r1"
+    assert json.loads((stored / "revision").read_text()) == "r1"  # kept as a JSON string (a torn one shows)
     assert {p.name for p in stored.glob("*.json")} == {f"{a['uuid']}.json", f"{b['uuid']}.json"}
     text = metrics(svc)
     assert 'assessment_runtime_source_syncs_total{kind="http",outcome="snapshot"} 1' in text
@@ -496,7 +496,7 @@ def test_delta_starts_replaces_and_stops_only_the_runners_it_names(service_facto
     deltas = [r for r in server.log() if r["answer"] == "delta"]
     assert deltas and deltas[0]["since"] == "r1"
     stored = svc.state / "specs" / "http"
-    assert not (stored / f"{deleted['uuid']}.json").exists() and (stored / "revision").read_text().strip() == "r2"
+    assert not (stored / f"{deleted['uuid']}.json").exists() and json.loads((stored / "revision").read_text()) == "r2"
     svc.wait_result(added["uuid"])
     assert http_source(after)["revision"] == "r2"
 
