@@ -52,6 +52,15 @@ def splay_of(uuid: str, interval: float) -> float:
     return (h / 2**64) * interval
 
 
+def cron_splay(runtime_uuid: str, job_uuid: str, splay: float | None) -> float:
+    """A cron job's delay after each fire time: stable, in [0, splay), drawn from the runtime
+    and job uuids so that a fleet firing the same schedule spreads out (SPEC §4)."""
+    if not splay:
+        return 0.0
+    h = int.from_bytes(hashlib.sha256(f"{runtime_uuid}/{job_uuid}".encode()).digest()[:8], "big")
+    return (h / 2**64) * float(splay)
+
+
 def runner_config(spec: Spec, config: Config, runtime_uuid: str, users: PluginUsers, cgroups: CgroupTree,
                   publisher_socket: str, job_uid: int | None = None) -> RunnerConfig:
     """Everything a runner needs, resolved here once: effective limits, timeout, splay."""
@@ -66,9 +75,11 @@ def runner_config(spec: Spec, config: Config, runtime_uuid: str, users: PluginUs
         plugin_dirs=list(config.plugin_dirs) + _download_dirs(job, config), require_sha256=config.jobs.require_sha256,
         title=job.title, labels=dict(job.labels), assessment_plan_uuid=job.assessment_plan_uuid,
         component_uuid=job.component_uuid, control_id=job.control_id,
-        interval=float(job.interval), timeout=float(job.timeout or config.jobs.default_timeout),
+        interval=None if job.interval is None else float(job.interval), timeout=float(job.timeout or config.jobs.default_timeout),
         stop_grace=float(config.jobs.stop_grace), run_on_start=job.run_on_start,
-        splay=splay_of(job.uuid, float(job.interval)),
+        splay=splay_of(job.uuid, float(job.interval)) if job.interval is not None else
+        cron_splay(runtime_uuid, job.uuid, job.splay),
+        schedule=job.schedule, time_zone=job.time_zone,
         limits=RunLimits(memory=_plain(limits.memory, int), cpu_time=_plain(limits.cpu_time, float),
                          open_files=limits.open_files, processes=limits.processes,
                          output=int(limits.output or config.jobs.default_limits.output)),
@@ -201,6 +212,8 @@ class RunnerRecord:
         self.last_result: dict | None = None
         self.dropped = 0  # results its runners dropped unacknowledged (publisher away too long)
         self.dropped_base = 0  # of runners before the current one
+        self.skipped = 0  # fire times skipped because a run was still going
+        self.skipped_base = 0  # of runners before the current one
 
     @property
     def alive(self) -> bool:
@@ -270,6 +283,7 @@ class JobManager:
         rec.running = False
         rec.next_run_at = None
         rec.dropped_base = rec.dropped
+        rec.skipped_base = rec.skipped
 
     def stop_runner(self, rec: RunnerRecord, now: float, why: str) -> None:
         """SIGTERM to the runner's group now; SIGKILL after the grace (murder_runners)."""
@@ -370,6 +384,7 @@ class JobManager:
             rec.running = frame.running
             rec.next_run_at = frame.next_run_at
             rec.dropped = rec.dropped_base + frame.dropped
+            rec.skipped = rec.skipped_base + frame.skipped
         if channel.eof:
             self._close_channel(rec)
 

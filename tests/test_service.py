@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import os
 import re
@@ -234,13 +235,16 @@ def test_status_json_has_the_documented_shape(svc):
     assert source["kind"] == "dir" and source["location"] == str(svc.jobs)
     assert set(source) == {"kind", "location", "revision", "last_success", "last_error", "consecutive_failures"}
     [job] = st["jobs"]
-    assert set(job) == {"uuid", "title", "plugin", "revision", "state", "pid", "uid", "runs", "restarts",
-                        "next_run_in", "last_result"}
+    assert set(job) == {"uuid", "title", "plugin", "revision", "state", "pid", "uid", "runs", "skipped", "restarts",
+                        "schedule", "next_run_in", "next_run_at", "last_result"}
+    assert job["schedule"] == "1h" and job["skipped"] == 0
     assert (job["uid"] is not None) is IS_ROOT
     assert job["plugin"] == "ok@1.0.0" and job["state"] == "running" and job["runs"] >= 1
     assert psutil.Process(job["pid"]) in psutil.Process(svc.proc.pid).children(recursive=True)
     assert set(job["last_result"]) == {"uuid", "status", "reason", "end"}
     assert isinstance(job["next_run_in"], float) and 0 < job["next_run_in"] <= 3600
+    at = datetime.datetime.fromisoformat(job["next_run_at"].replace("Z", "+00:00"))
+    assert at.utcoffset() == datetime.timedelta(0) and abs(at.timestamp() - time.time() - job["next_run_in"]) < 5
     [rejected] = st["rejected"]
     assert rejected["uuid"] == "bad-job" and "plugin.version" in rejected["reason"] and "bad.json" in rejected["reason"]
     pub = st["publisher"]
