@@ -331,3 +331,65 @@ def test_fire_times_during_a_run_are_skipped_and_counted(service_factory):
     first, second = sorted(results, key=lambda r: r["start"])[:2]
     assert epoch(second["start"]) >= epoch(first["end"])  # never two runs at once
     assert epoch(second["start"]) - epoch(first["end"]) < 1.5  # the next fire time, not a late catch-up
+
+
+# -- the runner's clock: wall-clock jumps (runner/main.py, without a process) -----------------
+
+class FakeClocks:
+    def __init__(self, wall: float, mono: float):
+        self.wall, self.mono = wall, mono
+
+    def advance(self, seconds: float) -> None:
+        self.wall += seconds
+        self.mono += seconds
+
+
+def cron_runner(monkeypatch, schedule: str, wall: str):
+    import types
+    from runner import main
+    clocks = FakeClocks(at(wall), 1000.0)
+    monkeypatch.setattr(main.time, "time", lambda: clocks.wall)
+    monkeypatch.setattr(main.time, "monotonic", lambda: clocks.mono)
+    r = types.SimpleNamespace(cron=parse(schedule), zone=zone("UTC"), cfg=types.SimpleNamespace(splay=0.0, interval=None),
+                              fire_wall=None, skipped=0)
+    for name in ("_due", "_next_slot", "_skip_missed"):
+        setattr(r, name, getattr(main.Runner, name).__get__(r))
+    r.next_run_at = r._next_slot(clocks.mono)
+    return r, clocks
+
+
+def fires_until(r, clocks, end_mono: float, step: float = 30.0) -> list[str]:
+    """What start_run would fire, looking every `step` seconds (the runner looks at least
+    once a minute)."""
+    fired = []
+    while clocks.mono < end_mono:
+        if r._due(clocks.mono):
+            fired.append(shown(r.fire_wall, "UTC")[11:16])
+            r.next_run_at = r._next_slot(clocks.mono)
+        clocks.advance(step)
+    return fired
+
+
+def test_a_wall_clock_set_back_never_repeats_a_run(monkeypatch):
+    r, clocks = cron_runner(monkeypatch, "0 * * * *", "2026-12-01T10:59:00+00:00")
+    assert r.next_run_at == 1060.0
+    assert fires_until(r, clocks, 1200.0) == ["11:00"]
+    clocks.wall -= 3600  # back to 10:01
+    assert fires_until(r, clocks, 1200.0 + 2 * 3600) == ["12:00"]  # 11:00 does not run again
+
+
+def test_a_wall_clock_set_forward_runs_the_missed_times_once(monkeypatch):
+    r, clocks = cron_runner(monkeypatch, "0 * * * *", "2026-12-01T10:59:00+00:00")
+    clocks.wall += 3.5 * 3600  # 14:29: 11:00 .. 14:00 were missed
+    assert fires_until(r, clocks, 1000.0 + 1800) == ["11:00"]  # one run for them all, at once
+    assert shown(r.fire_wall, "UTC")[11:16] == "15:00"
+    assert fires_until(r, clocks, 1000.0 + 1800 + 120) == ["15:00"]
+
+
+def test_fire_times_during_a_long_run_are_counted(monkeypatch):
+    r, clocks = cron_runner(monkeypatch, "*/10 * * * *", "2026-12-01T10:59:00+00:00")
+    assert fires_until(r, clocks, 1061.0) == ["11:00"]
+    clocks.advance(25 * 60)  # the run lasted until 11:26: 11:10 and 11:20 came meanwhile
+    r._skip_missed(clocks.mono)
+    assert r.skipped == 2 and shown(r.fire_wall, "UTC")[11:16] == "11:30"
+    assert r.next_run_at == clocks.mono + 270  # 11:25:30 -> 11:30
