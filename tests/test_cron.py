@@ -393,3 +393,21 @@ def test_fire_times_during_a_long_run_are_counted(monkeypatch):
     r._skip_missed(clocks.mono)
     assert r.skipped == 2 and shown(r.fire_wall, "UTC")[11:16] == "11:30"
     assert r.next_run_at == clocks.mono + 270  # 11:25:30 -> 11:30
+
+
+def test_an_interval_job_skips_the_slots_a_long_run_covered(monkeypatch):
+    import types
+    from runner import main
+    clocks = FakeClocks(0.0, 1000.0)
+    monkeypatch.setattr(main.time, "monotonic", lambda: clocks.mono)
+    r = types.SimpleNamespace(cron=None, cfg=types.SimpleNamespace(splay=0.25, interval=10.0), skipped=0)
+    for name in ("_due", "_next_slot", "_skip_missed"):
+        setattr(r, name, getattr(main.Runner, name).__get__(r))
+    r.next_run_at = r._next_slot(1000.0)
+    assert r.next_run_at == 1000.25 and not r._due(1000.0) and r._due(1000.25)
+    r.next_run_at = r._next_slot(1000.25)  # a run starts at 1000.25 and lasts 25 s
+    clocks.mono = 1025.25
+    r._skip_missed(clocks.mono)
+    assert r.skipped == 2 and r.next_run_at == 1030.25  # 1010.25 and 1020.25 skipped, no late run
+    r._skip_missed(1026.0)  # a run that ended in time skips nothing
+    assert r.skipped == 2
