@@ -464,8 +464,10 @@ def serve(rfd: int, wfd: int) -> int:
     if not frames or not isinstance(frames[0], RunnerConfig):
         print("runner: no RunnerConfig from the supervisor", file=sys.stderr)
         return 2
+    cfg = frames[0]
     linux.set_process_name("ar-runner")
-    runner = Runner(channel, frames[0])
+    linux.set_title(f"assessment-runtime: runner {cfg.job_uuid} {cfg.plugin.name}@{cfg.plugin.version}")
+    runner = Runner(channel, cfg)
     for frame in frames[1:]:
         if isinstance(frame, RunNow):
             runner.run_now = True

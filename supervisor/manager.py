@@ -23,6 +23,7 @@ import time
 
 import msgspec
 
+from runner import linux
 from runner.framing import MAX_FRAME, Channel, FrameError
 from runner.wire import (Exited, JobDigest, PluginInfo, RunLimits, RunnerConfig, RunnerState, RunNow,
                          RunnerToSupervisor, Spawn, Spawned, ZygoteToSupervisor)
@@ -114,7 +115,8 @@ class ZygoteLink:
 
     def start(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.proc = subprocess.Popen([sys.executable, "-m", "runner.zygote", str(theirs.fileno()), str(os.getpid())],
+        self.proc = subprocess.Popen([sys.executable, "-m", "runner.zygote", str(theirs.fileno()), str(os.getpid()),
+                                      linux.TITLE_ROOM],
                                      pass_fds=[theirs.fileno()], process_group=0)
         theirs.close()
         ours.setblocking(False)

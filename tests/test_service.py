@@ -384,7 +384,7 @@ def test_the_results_socket_is_ours_alone_and_the_zygote_leaves_nothing_behind(s
              "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])", str(sock_path)],
             capture_output=True, text=True, timeout=20)
         assert probe.returncode != 0 and "PermissionError" in probe.stderr, probe.stderr
-    zygote = [p for p in svc.descendants() if "runner.zygote" in " ".join(p.cmdline()) and
+    zygote = [p for p in svc.descendants() if p.name() == "ar-zygote" and
               p.ppid() == svc.proc.pid]
     assert len(zygote) == 1
     # the warm-up ran a real plugin in a folder of its own and removed it

@@ -469,12 +469,14 @@ def read_settings(channel: Channel) -> tuple[PublisherSettings, PublisherConfig]
 
 
 def main(argv: list[str]) -> int:
+    argv = linux.strip_title_room(argv)
     if len(argv) != 4:
         print("usage: python -m supervisor.publisher RFD WFD PARENT_PID LISTEN_FD", file=sys.stderr)
         return 2
     rfd, wfd, parent, listen_fd = (int(a) for a in argv)
     linux.die_with_parent(parent)
     linux.set_process_name("ar-publisher")
+    linux.set_title("assessment-runtime: publisher")
     # Until the loop installs its handlers, nothing is acknowledged: a signal may simply end us.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     setup_logging("publisher")  # until the settings name the format and level
