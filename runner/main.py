@@ -354,8 +354,8 @@ class Runner:
             control_id=cfg.control_id, start=iso_time(run.start_wall), end=iso_time(end),
             status=status, reason=reason, observations=list(observations), findings=list(findings),
             risks=list(risks), subjects=list(subjects), logs=logs)
-        if reason:
-            self.log.info("run %s: %s: %s", run.uuid, status, reason)
+        if reason:  # the supervisor logs status changes and errors (with the job's title)
+            self.log.debug("run %s: %s: %s", run.uuid, status, reason)
         self.run = None
         self.results.publish(run.uuid, Publish(
             job_uuid=cfg.job_uuid, last=LastResult(run.uuid, status, reason, result.end),

@@ -99,16 +99,20 @@ class JobTally:
         self.runs: dict[str, int] = defaultdict(int)
         self.durations: list[float] = []
         self.last: Publish | None = None
+        self.last_error: Publish | None = None
 
     def add(self, message: Publish) -> None:
         self.runs[message.last.status] += 1
         self.durations.append(message.duration)
         self.last = message
+        if message.last.status == "error":
+            self.last_error = message
 
     def digest(self, job_uuid: str) -> JobDigest:
         last = self.last
         return JobDigest(job_uuid=job_uuid, runs=dict(self.runs), duration_sum=sum(self.durations),
-                         durations=self.durations, last=last.last, next_run_at=last.next_run_at)
+                         durations=self.durations, last=last.last, next_run_at=last.next_run_at,
+                         last_error=self.last_error.last if self.last_error is not None else None)
 
 
 class PublisherProcess:
