@@ -316,7 +316,8 @@ def test_metrics_endpoint_speaks_prometheus(svc):
         assert code == 200
         return body.decode() if counted in body.decode() else None
     text = wait_for(scrape, 5, what="the run to be counted in the metrics")
-    for name in ("run_duration_seconds_sum", "runner_restarts_total", "outbox_results", "sink_delivered_total"):
+    for name in ("run_duration_seconds_bucket", "run_duration_seconds_sum", "run_duration_seconds_count",
+                 "job_last_result_age_seconds", "runner_restarts_total", "outbox_results", "sink_delivered_total"):
         assert f"assessment_runtime_{name}" in text
     assert all(line.startswith(("#", "assessment_runtime_")) for line in text.splitlines() if line)
 
