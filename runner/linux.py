@@ -71,6 +71,9 @@ def strip_title_room(argv: list[str]) -> list[str]:
     return [a for a in argv if a != TITLE_ROOM]
 
 
+_arg_area: tuple[int, int] | None = None
+
+
 def set_title(title: str) -> bool:
     """What ps -o args and /proc/PID/cmdline show: `title`, written over this process's own
     argv strings (no setproctitle; comm is left alone).
@@ -84,14 +87,17 @@ def set_title(title: str) -> bool:
     them. A runner
     inherits the zygote's stack, so the write costs it one private page. False when /proc
     cannot be used."""
+    global _arg_area
     try:
-        fd = os.open("/proc/self/stat", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            stat = os.read(fd, 4096)
-        finally:
-            os.close(fd)
-        fields = stat[stat.rindex(b")") + 2:].split()  # fields[0] is field 3 (state)
-        start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end: fields 48 and 49
+        if _arg_area is None:  # found once: a forked runner has the zygote's, at the same address
+            fd = os.open("/proc/self/stat", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                stat = os.read(fd, 4096)
+            finally:
+                os.close(fd)
+            fields = stat[stat.rindex(b")") + 2:].split()  # fields[0] is field 3 (state)
+            _arg_area = int(fields[45]), int(fields[46])  # arg_start, arg_end: fields 48 and 49
+        start, end = _arg_area
         room = end - start
         if room < 2:
             return False
