@@ -206,3 +206,16 @@ def test_run_durations_are_a_histogram(svc):
     assert slow_buckets["0.25"] == 0 and slow_buckets["+Inf"] == 3  # each slow run takes 0.3 s or more
     [slow_sum] = [v for n, lab, v in samples if n == f"{name}_sum" and lab["job"] == slowjob["uuid"]]
     assert 0.9 <= slow_sum < 3 * 300
+
+
+def test_a_title_longer_than_the_command_line_is_cut_to_fit():
+    code = ("import sys; from runner import linux; "
+            "assert linux.set_title('assessment-runtime: a title much longer than this command line ' * 4); "
+            "print(open('/proc/self/cmdline', 'rb').read())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr
+    shown = eval(out.stdout)  # noqa: S307 - the repr of bytes we printed
+    room = sum(len(a.encode()) + 1 for a in (sys.executable, "-c", code))  # the argv strings and their NULs
+    title = b"assessment-runtime: a title much longer than this command line " * 4
+    assert shown == title[:room - 1] + b"\0"
