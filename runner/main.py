@@ -389,8 +389,8 @@ class Runner:
             control_id=cfg.control_id, start=iso_time(run.start_wall), end=iso_time(end),
             status=status, reason=reason, observations=list(observations), findings=list(findings),
             risks=list(risks), subjects=list(subjects), logs=logs)
-        if reason:
-            self.log.info("run %s: %s: %s", run.uuid, status, reason)
+        if reason:  # the supervisor logs status changes and errors (with the job's title)
+            self.log.debug("run %s: %s: %s", run.uuid, status, reason)
         self.run = None
         if not self.stopping:
             self._skip_missed(time.monotonic())
@@ -522,8 +522,10 @@ def serve(rfd: int, wfd: int) -> int:
     if not frames or not isinstance(frames[0], RunnerConfig):
         print("runner: no RunnerConfig from the supervisor", file=sys.stderr)
         return 2
+    cfg = frames[0]
     linux.set_process_name("ar-runner")
-    runner = Runner(channel, frames[0])
+    linux.set_title(f"assessment-runtime: runner {cfg.job_uuid} {cfg.plugin.name}@{cfg.plugin.version}")
+    runner = Runner(channel, cfg)
     for frame in frames[1:]:
         if isinstance(frame, RunNow):
             runner.run_now = True

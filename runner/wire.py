@@ -181,6 +181,7 @@ class JobDigest(msgspec.Struct):
     durations: list[float]  # each run's, for the histogram
     last: LastResult
     next_run_at: float | None
+    last_error: LastResult | None = None  # the last error among these runs (for its reason in the log)
 
 
 class PublisherStats(msgspec.Struct, tag=True):

@@ -44,8 +44,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_run(args) -> int:
+    from runner import linux
     from supervisor.service import Service
 
+    linux.set_title("assessment-runtime: supervisor")  # what fits in our command line
     service = Service(config_path(args.config))
     try:
         return service.run()

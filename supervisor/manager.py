@@ -23,6 +23,7 @@ import time
 
 import msgspec
 
+from runner import linux
 from runner.framing import MAX_FRAME, Channel, FrameError
 from runner.wire import (Exited, JobDigest, PluginInfo, RunLimits, RunnerConfig, RunnerState, RunNow,
                          RunnerToSupervisor, Spawn, Spawned, ZygoteToSupervisor)
@@ -125,7 +126,8 @@ class ZygoteLink:
 
     def start(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.proc = subprocess.Popen([sys.executable, "-m", "runner.zygote", str(theirs.fileno()), str(os.getpid())],
+        self.proc = subprocess.Popen([sys.executable, "-m", "runner.zygote", str(theirs.fileno()), str(os.getpid()),
+                                      linux.TITLE_ROOM],
                                      pass_fds=[theirs.fileno()], process_group=0)
         theirs.close()
         ours.setblocking(False)
@@ -395,6 +397,7 @@ class JobManager:
             return
         rec.runs += sum(digest.runs.values())
         last = digest.last
+        log_status_change(rec, digest)
         rec.last_result = {"uuid": last.uuid, "status": last.status, "reason": last.reason, "end": last.end}
         if rec.pid is not None and rec.state != "stopping":
             rec.next_run_at = digest.next_run_at
@@ -430,6 +433,39 @@ class JobManager:
         if rec.channel is not None:
             rec.channel.close(self.selector)
             rec.channel = None
+
+
+def log_status_change(rec: RunnerRecord, digest: JobDigest) -> None:
+    """The one place that logs results (SPEC §8): a change of a job's status at info, with
+    its title; an error at warning, with its reason. Nothing for a run like the one before
+    (same status; for an error, same reason too). A job's first result since the supervisor
+    started is logged as a change (`(first result)`).
+
+    A digest covers every run the publisher committed since its last stats (~0.1 s): runs
+    in between are not seen one by one, except the last error among them, logged before
+    the last result when it is not that result."""
+    prev = rec.last_result
+    before = (prev["status"], prev["reason"]) if prev is not None else None
+    steps = [digest.last]
+    if digest.last_error is not None and digest.last_error.uuid != digest.last.uuid:
+        steps.insert(0, digest.last_error)
+    title = rec.plan.title if rec.plan is not None else None
+    name = f'job "{title}" ({rec.uuid})' if title else f"job {rec.uuid}"
+    for result in steps:
+        now = (result.status, result.reason if result.status == "error" else None)
+        if before is not None and now == (before[0], before[1] if before[0] == "error" else None):
+            continue
+        if before is None:
+            change = f"{result.status} (first result)"
+        elif before[0] != result.status:
+            change = f"{before[0]} -> {result.status}"
+        else:
+            change = "error again, another reason"
+        if result.status == "error":
+            log.warning("%s: %s: %s", name, change, result.reason)
+        else:
+            log.info("%s: %s", name, change)
+        before = now
 
 
 def _key(plan: RunnerConfig) -> str:

@@ -320,7 +320,8 @@ def test_metrics_endpoint_speaks_prometheus(svc):
         assert code == 200
         return body.decode() if counted in body.decode() else None
     text = wait_for(scrape, 5, what="the run to be counted in the metrics")
-    for name in ("run_duration_seconds_sum", "runner_restarts_total", "outbox_results", "sink_delivered_total"):
+    for name in ("run_duration_seconds_bucket", "run_duration_seconds_sum", "run_duration_seconds_count",
+                 "job_last_result_age_seconds", "runner_restarts_total", "outbox_results", "sink_delivered_total"):
         assert f"assessment_runtime_{name}" in text
     assert all(line.startswith(("#", "assessment_runtime_")) for line in text.splitlines() if line)
 
@@ -388,7 +389,7 @@ def test_the_results_socket_is_ours_alone_and_the_zygote_leaves_nothing_behind(s
              "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])", str(sock_path)],
             capture_output=True, text=True, timeout=20)
         assert probe.returncode != 0 and "PermissionError" in probe.stderr, probe.stderr
-    zygote = [p for p in svc.descendants() if "runner.zygote" in " ".join(p.cmdline()) and
+    zygote = [p for p in svc.descendants() if p.name() == "ar-zygote" and
               p.ppid() == svc.proc.pid]
     assert len(zygote) == 1
     # the warm-up ran a real plugin in a folder of its own and removed it
