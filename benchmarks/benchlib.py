@@ -251,7 +251,7 @@ class Service:
                 p = keep(p)
             except psutil.Error:
                 continue
-            if "runner.zygote" in cmd:
+            if "runner.zygote" in cmd or cmd == "assessment-runtime: zygote":
                 out["zygote"].append(p)
                 for r in kids.get(p.pid, []):
                     try:
@@ -264,7 +264,7 @@ class Service:
                             c = stack.pop()
                             out["plugin"].append(c)
                             stack.extend(kids.get(c.pid, []))
-            elif "supervisor.publisher" in cmd:
+            elif "supervisor.publisher" in cmd or cmd == "assessment-runtime: publisher":
                 out["publisher"].append(p)
             else:
                 out["other"].append(p)

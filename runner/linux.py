@@ -60,6 +60,58 @@ def set_process_name(name: str) -> None:
     _prctl(PR_SET_NAME, ctypes.cast(buf, ctypes.c_void_p).value or 0, 0, 0, 0)
 
 
+# An argument of spaces the supervisor appends when it starts the zygote and the publisher:
+# room in their argv for the names set_title writes (a runner's, with its job uuid and
+# plugin, is longer than the command line that started the zygote). It is dropped by
+# strip_title_room before the arguments are read.
+TITLE_ROOM = " " * 160
+
+
+def strip_title_room(argv: list[str]) -> list[str]:
+    return [a for a in argv if a != TITLE_ROOM]
+
+
+_arg_area: tuple[int, int] | None = None
+
+
+def set_title(title: str) -> bool:
+    """What ps -o args and /proc/PID/cmdline show: `title`, written over this process's own
+    argv strings (no setproctitle; comm is left alone).
+
+    The argv area is [arg_start, arg_end) of /proc/self/stat; it is written through
+    /proc/self/mem, with no ctypes call (a call in a runner copies the pages of the ctypes
+    objects it touches). A title longer than the area is truncated. It ends with a NUL and
+    the rest of the area is spaces: when the area's last byte is not a NUL, the kernel
+    shows argv up to the first NUL (as it does for setproctitle), so cmdline is exactly the
+    title. The environment strings after the area are left alone: C code may still read
+    them. A runner
+    inherits the zygote's stack, so the write costs it one private page. False when /proc
+    cannot be used."""
+    global _arg_area
+    try:
+        if _arg_area is None:  # found once: a forked runner has the zygote's, at the same address
+            fd = os.open("/proc/self/stat", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                stat = os.read(fd, 4096)
+            finally:
+                os.close(fd)
+            fields = stat[stat.rindex(b")") + 2:].split()  # fields[0] is field 3 (state)
+            _arg_area = int(fields[45]), int(fields[46])  # arg_start, arg_end: fields 48 and 49
+        start, end = _arg_area
+        room = end - start
+        if room < 2:
+            return False
+        data = title.encode()[:room - 1]
+        fd = os.open("/proc/self/mem", os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.pwrite(fd, data + b"\0" + b" " * (room - len(data) - 1), start)
+        finally:
+            os.close(fd)
+        return True
+    except (OSError, ValueError, IndexError):
+        return False
+
+
 def has_children() -> bool:
     """Whether this single-threaded process has any child, zombies included (one open and
     one read). True when /proc cannot tell, so that the caller looks the long way."""

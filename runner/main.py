@@ -19,7 +19,7 @@ import time
 
 import msgspec
 
-from runner import linux
+from runner import cron, linux
 from runner.framing import MAX_FRAME, Channel, FrameError
 from runner.log import Log
 from runner.poller import READ, Poller
@@ -96,6 +96,12 @@ class Runner:
         self.poller = Poller()
         self.results = ResultLink(cfg.publisher_socket, MAX_FRAME + 2 * cfg.limits.output, self.poller)
         self.dropped_reported = 0
+        self.skipped = 0  # fire times that came while a run was still going
+        self.skipped_reported = 0
+        # a cron job: its expression, zone, and the wall time (UTC epoch) of its pending fire
+        self.cron = cron.parse(cfg.schedule) if cfg.schedule else None
+        self.zone = cron.zone(cfg.time_zone) if self.cron else None
+        self.fire_wall: float | None = None
         self.run: Run | None = None
         self.run_now = False
         self.stopping = False
@@ -106,7 +112,11 @@ class Runner:
         self._read_into = [_READ_BUFFER]
         self._read_view = memoryview(_READ_BUFFER)
         now = time.monotonic()
-        self.next_run_at = now if cfg.run_on_start else self._next_slot(now)
+        if self.cron is None:
+            self.next_run_at = now if cfg.run_on_start else self._next_slot(now)
+        else:  # a run on start is one on demand: the fire times stay as they are
+            self.next_run_at = self._next_slot(now)
+            self.run_now = cfg.run_on_start
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -117,7 +127,7 @@ class Runner:
         while not self.done():
             if self.results.channel is None:
                 self.results.connect(time.monotonic())  # when due: at start, and after the publisher went away
-            if self.results.dropped != self.dropped_reported:
+            if self.results.dropped != self.dropped_reported or self.skipped != self.skipped_reported:
                 self.report_state()
             self.poller.poll(min(60.0, max(0.0, self._next_deadline() - time.monotonic())))
             if self.signals:
@@ -152,8 +162,22 @@ class Runner:
                 for fd, reader in ((run.out_fd, self.on_stdout), (run.err_fd, self.on_stderr)):
                     if fd in run.open_pipes:
                         self.poller.register(fd, READ, reader)
-        elif not self.stopping and (self.run_now or now >= self.next_run_at):
+        elif not self.stopping and (self.run_now or self._due(now)):
             self.start_run(now)
+
+    def _due(self, now: float) -> bool:
+        """An interval job is due on the monotonic clock. A cron job is due when the wall
+        clock reaches its fire time (plus splay): the monotonic deadline is only when to look,
+        moved along if the wall clock was set back; a wall clock set forward past the fire time
+        makes it due at the next look (within a minute), once."""
+        if self.cron is None:
+            return now >= self.next_run_at
+        late = time.time() - (self.fire_wall + self.cfg.splay)
+        if late >= 0:
+            return True
+        if now >= self.next_run_at:
+            self.next_run_at = now - late
+        return False
 
     def _next_deadline(self) -> float:
         link = self.results
@@ -169,7 +193,18 @@ class Runner:
 
     def _next_slot(self, after: float) -> float:
         """Runs fall on a grid of the monotonic clock offset by the job's splay, so a
-        restarted runner keeps its job's rhythm instead of shifting or bursting."""
+        restarted runner keeps its job's rhythm instead of shifting or bursting.
+
+        A cron job's next fire time is the first one after both the wall time at `after`
+        and the fire time before (so a wall clock set back never repeats a run), delayed by
+        its splay and mapped to the monotonic clock."""
+        if self.cron is not None:
+            wall_now, mono_now = time.time(), time.monotonic()
+            base = wall_now + (after - mono_now) - self.cfg.splay
+            if self.fire_wall is not None:
+                base = max(base, self.fire_wall)
+            self.fire_wall = self.cron.next_after(base, self.zone)
+            return mono_now + (self.fire_wall + self.cfg.splay - wall_now)
         interval = self.cfg.interval
         k = math.floor((after - self.cfg.splay) / interval) + 1
         return self.cfg.splay + k * interval
@@ -251,7 +286,7 @@ class Runner:
 
     def start_run(self, now: float) -> None:
         self.run_now = False
-        if now >= self.next_run_at:
+        if self._due(now):
             self.next_run_at = self._next_slot(now)
         run = Run(new_uuid(), time.time(), now, now + self.cfg.timeout)
         self.run = run
@@ -354,13 +389,35 @@ class Runner:
             control_id=cfg.control_id, start=iso_time(run.start_wall), end=iso_time(end),
             status=status, reason=reason, observations=list(observations), findings=list(findings),
             risks=list(risks), subjects=list(subjects), logs=logs)
-        if reason:
-            self.log.info("run %s: %s: %s", run.uuid, status, reason)
+        if reason:  # the supervisor logs status changes and errors (with the job's title)
+            self.log.debug("run %s: %s: %s", run.uuid, status, reason)
         self.run = None
+        if not self.stopping:
+            self._skip_missed(time.monotonic())
         self.results.publish(run.uuid, Publish(
             job_uuid=cfg.job_uuid, last=LastResult(run.uuid, status, reason, result.end),
             duration=time.monotonic() - run.start_mono, next_run_at=None if self.stopping else self.next_run_at,
             result=msgspec.Raw(_encoder.encode(result)), job_revision=cfg.revision, job_title=cfg.title))
+
+    def _skip_missed(self, now: float) -> None:
+        """Fire times that came while the run was going are skipped, and counted: never two
+        runs of a job at once, and no late run right after a long one."""
+        if self.cron is None:
+            if now >= self.next_run_at:
+                self.skipped += math.floor((now - self.next_run_at) / self.cfg.interval) + 1
+                self.next_run_at = self._next_slot(now)
+            return
+        wall_now = time.time()
+        wall = wall_now - self.cfg.splay
+        missed = 0
+        while self.fire_wall <= wall and missed < 10_000:
+            missed += 1
+            self.fire_wall = self.cron.next_after(self.fire_wall, self.zone)
+        if self.fire_wall <= wall:  # the wall clock jumped far ahead: count no more, go on from now
+            self.fire_wall = self.cron.next_after(wall, self.zone)
+        if missed:
+            self.skipped += missed
+            self.next_run_at = now + (self.fire_wall + self.cfg.splay - wall_now)
 
     @staticmethod
     def _error_logs(run: Run) -> list[dict]:
@@ -374,9 +431,10 @@ class Runner:
     def report_state(self) -> None:
         try:
             self.dropped_reported = self.results.dropped
+            self.skipped_reported = self.skipped
             self.channel.send(RunnerState(running=self.run is not None,
                                           next_run_at=None if self.stopping else self.next_run_at,
-                                          dropped=self.results.dropped))
+                                          dropped=self.results.dropped, skipped=self.skipped))
         except BrokenPipeError:
             self.stopping = True
 
@@ -464,8 +522,10 @@ def serve(rfd: int, wfd: int) -> int:
     if not frames or not isinstance(frames[0], RunnerConfig):
         print("runner: no RunnerConfig from the supervisor", file=sys.stderr)
         return 2
+    cfg = frames[0]
     linux.set_process_name("ar-runner")
-    runner = Runner(channel, frames[0])
+    linux.set_title(f"assessment-runtime: runner {cfg.job_uuid} {cfg.plugin.name}@{cfg.plugin.version}")
+    runner = Runner(channel, cfg)
     for frame in frames[1:]:
         if isinstance(frame, RunNow):
             runner.run_now = True

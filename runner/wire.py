@@ -70,11 +70,11 @@ class RunnerConfig(msgspec.Struct, tag=True):
     assessment_plan_uuid: str | None
     component_uuid: str | None
     control_id: str | None
-    interval: float
+    interval: float | None  # None for a cron job (schedule)
     timeout: float
     stop_grace: float
     run_on_start: bool
-    splay: float  # seconds after start of the first scheduled run, stable per job
+    splay: float  # interval job: its offset on the monotonic grid; cron job: its delay after each fire time
     limits: RunLimits
     scratch_dir: str
     run_as: tuple[int, int] | None  # (uid, gid) for plugins when we are root
@@ -88,6 +88,8 @@ class RunnerConfig(msgspec.Struct, tag=True):
     publisher_socket: str = ""  # where results go (the publisher's listening Unix socket)
     log_format: str = "text"
     log_level: str = "info"
+    schedule: str | None = None  # a cron expression (runner/cron.py), instead of interval
+    time_zone: str = "UTC"  # what schedule is read in
 
 
 class RunNow(msgspec.Struct, tag=True):
@@ -100,12 +102,14 @@ SupervisorToRunner = RunnerConfig | RunNow
 # -- runner -> supervisor ---------------------------------------------------------------
 
 class RunnerState(msgspec.Struct, tag=True):
-    """Sent when the runner is ready, and when results it could not hand over were dropped.
+    """Sent when the runner is ready, when results it could not hand over were dropped, and
+    when it skipped a fire time.
     Results themselves go straight to the publisher (below), never through the supervisor."""
 
     running: bool
     next_run_at: float | None  # CLOCK_MONOTONIC, shared by every process on the host
     dropped: int = 0  # results this runner dropped, unacknowledged, while the publisher was away
+    skipped: int = 0  # fire times this runner skipped because a run was still going
 
 
 RunnerToSupervisor = RunnerState
@@ -177,6 +181,7 @@ class JobDigest(msgspec.Struct):
     durations: list[float]  # each run's, for the histogram
     last: LastResult
     next_run_at: float | None
+    last_error: LastResult | None = None  # the last error among these runs (for its reason in the log)
 
 
 class PublisherStats(msgspec.Struct, tag=True):

@@ -80,9 +80,11 @@ def spawn_runners(sock: socket.socket, private: list[socket.socket], batch: list
 
 
 def main() -> int:
-    sock_fd, parent = int(sys.argv[1]), int(sys.argv[2])
+    args = linux.strip_title_room(sys.argv)
+    sock_fd, parent = int(args[1]), int(args[2])
     linux.die_with_parent(parent)
     linux.set_process_name("ar-zygote")
+    linux.set_title("assessment-runtime: zygote")
     try:
         runner.warmup.warm_up()  # before the freeze below, so that every runner shares what it leaves
     except Exception as e:  # noqa: BLE001 - an optimisation only: never a reason not to start

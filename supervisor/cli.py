@@ -44,8 +44,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_run(args) -> int:
+    from runner import linux
     from supervisor.service import Service
 
+    linux.set_title("assessment-runtime: supervisor")  # what fits in our command line
     service = Service(config_path(args.config))
     try:
         return service.run()
@@ -142,6 +144,18 @@ def cmd_plugins(args) -> int:
     return 0
 
 
+def _local_time(iso: str | None, seconds: float | None) -> str:
+    """The next run in this host's local time, and how far off it is."""
+    if not iso:
+        return "-"
+    import datetime
+    try:
+        when = datetime.datetime.fromisoformat(iso.replace("Z", "+00:00")).astimezone()
+    except ValueError:
+        return iso
+    return when.strftime("%Y-%m-%d %H:%M:%S %Z") + (f" (in {seconds:.0f}s)" if seconds is not None else "")
+
+
 def render_status(doc: dict) -> str:
     sandbox = doc.get("sandbox") or {}
     confined = [k for k, on in (sandbox.get("confine") or {}).items() if on]
@@ -156,14 +170,15 @@ def render_status(doc: dict) -> str:
         rows.append((s["kind"], s["location"], s["revision"] or "-", s["last_success"] or "never",
                      str(s["consecutive_failures"]), s["last_error"] or "-"))
     lines += [_table(rows), "", "JOBS"]
-    rows = [("UUID", "TITLE", "PLUGIN", "STATE", "PID", "UID", "RUNS", "RESTARTS", "NEXT RUN", "LAST RESULT")]
+    rows = [("UUID", "TITLE", "PLUGIN", "SCHEDULE", "STATE", "PID", "UID", "RUNS", "SKIPPED", "RESTARTS",
+             "NEXT RUN (LOCAL)", "LAST RESULT")]
     for j in doc["jobs"]:
         last = j["last_result"]
         last_text = "-" if not last else last["status"] + (f" ({last['reason']})" if last.get("reason") else "")
-        next_run = "-" if j["next_run_in"] is None else f"{j['next_run_in']:.1f}s"
-        rows.append((j["uuid"], j["title"] or "-", j["plugin"] or "-", j["state"], str(j["pid"] or "-"),
-                     str(j["uid"] if j.get("uid") is not None else "-"), str(j["runs"]), str(j["restarts"]),
-                     next_run, last_text))
+        rows.append((j["uuid"], j["title"] or "-", j["plugin"] or "-", j.get("schedule") or "-", j["state"],
+                     str(j["pid"] or "-"), str(j["uid"] if j.get("uid") is not None else "-"), str(j["runs"]),
+                     str(j.get("skipped", 0)), str(j["restarts"]), _local_time(j.get("next_run_at"), j["next_run_in"]),
+                     last_text))
     lines.append(_table(rows))
     if doc["rejected"]:
         lines += ["", "REJECTED SPECS"]

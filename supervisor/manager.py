@@ -23,6 +23,7 @@ import time
 
 import msgspec
 
+from runner import linux
 from runner.framing import MAX_FRAME, Channel, FrameError
 from runner.wire import (Exited, JobDigest, PluginInfo, RunLimits, RunnerConfig, RunnerState, RunNow,
                          RunnerToSupervisor, Spawn, Spawned, ZygoteToSupervisor)
@@ -52,6 +53,15 @@ def splay_of(uuid: str, interval: float) -> float:
     return (h / 2**64) * interval
 
 
+def cron_splay(runtime_uuid: str, job_uuid: str, splay: float | None) -> float:
+    """A cron job's delay after each fire time: stable, in [0, splay), drawn from the runtime
+    and job uuids so that a fleet firing the same schedule spreads out (SPEC §4)."""
+    if not splay:
+        return 0.0
+    h = int.from_bytes(hashlib.sha256(f"{runtime_uuid}/{job_uuid}".encode()).digest()[:8], "big")
+    return (h / 2**64) * float(splay)
+
+
 def runner_config(spec: Spec, config: Config, runtime_uuid: str, users: PluginUsers, cgroups: CgroupTree,
                   publisher_socket: str, job_uid: int | None = None) -> RunnerConfig:
     """Everything a runner needs, resolved here once: effective limits, timeout, splay."""
@@ -66,9 +76,11 @@ def runner_config(spec: Spec, config: Config, runtime_uuid: str, users: PluginUs
         plugin_dirs=list(config.plugin_dirs) + _download_dirs(job, config), require_sha256=config.jobs.require_sha256,
         title=job.title, labels=dict(job.labels), assessment_plan_uuid=job.assessment_plan_uuid,
         component_uuid=job.component_uuid, control_id=job.control_id,
-        interval=float(job.interval), timeout=float(job.timeout or config.jobs.default_timeout),
+        interval=None if job.interval is None else float(job.interval), timeout=float(job.timeout or config.jobs.default_timeout),
         stop_grace=float(config.jobs.stop_grace), run_on_start=job.run_on_start,
-        splay=splay_of(job.uuid, float(job.interval)),
+        splay=splay_of(job.uuid, float(job.interval)) if job.interval is not None else
+        cron_splay(runtime_uuid, job.uuid, job.splay),
+        schedule=job.schedule, time_zone=job.time_zone,
         limits=RunLimits(memory=_plain(limits.memory, int), cpu_time=_plain(limits.cpu_time, float),
                          open_files=limits.open_files, processes=limits.processes,
                          output=int(limits.output or config.jobs.default_limits.output)),
@@ -114,7 +126,8 @@ class ZygoteLink:
 
     def start(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.proc = subprocess.Popen([sys.executable, "-m", "runner.zygote", str(theirs.fileno()), str(os.getpid())],
+        self.proc = subprocess.Popen([sys.executable, "-m", "runner.zygote", str(theirs.fileno()), str(os.getpid()),
+                                      linux.TITLE_ROOM],
                                      pass_fds=[theirs.fileno()], process_group=0)
         theirs.close()
         ours.setblocking(False)
@@ -201,6 +214,8 @@ class RunnerRecord:
         self.last_result: dict | None = None
         self.dropped = 0  # results its runners dropped unacknowledged (publisher away too long)
         self.dropped_base = 0  # of runners before the current one
+        self.skipped = 0  # fire times skipped because a run was still going
+        self.skipped_base = 0  # of runners before the current one
 
     @property
     def alive(self) -> bool:
@@ -270,6 +285,7 @@ class JobManager:
         rec.running = False
         rec.next_run_at = None
         rec.dropped_base = rec.dropped
+        rec.skipped_base = rec.skipped
 
     def stop_runner(self, rec: RunnerRecord, now: float, why: str) -> None:
         """SIGTERM to the runner's group now; SIGKILL after the grace (murder_runners)."""
@@ -370,6 +386,7 @@ class JobManager:
             rec.running = frame.running
             rec.next_run_at = frame.next_run_at
             rec.dropped = rec.dropped_base + frame.dropped
+            rec.skipped = rec.skipped_base + frame.skipped
         if channel.eof:
             self._close_channel(rec)
 
@@ -380,6 +397,7 @@ class JobManager:
             return
         rec.runs += sum(digest.runs.values())
         last = digest.last
+        log_status_change(rec, digest)
         rec.last_result = {"uuid": last.uuid, "status": last.status, "reason": last.reason, "end": last.end}
         if rec.pid is not None and rec.state != "stopping":
             rec.next_run_at = digest.next_run_at
@@ -415,6 +433,39 @@ class JobManager:
         if rec.channel is not None:
             rec.channel.close(self.selector)
             rec.channel = None
+
+
+def log_status_change(rec: RunnerRecord, digest: JobDigest) -> None:
+    """The one place that logs results (SPEC §8): a change of a job's status at info, with
+    its title; an error at warning, with its reason. Nothing for a run like the one before
+    (same status; for an error, same reason too). A job's first result since the supervisor
+    started is logged as a change (`(first result)`).
+
+    A digest covers every run the publisher committed since its last stats (~0.1 s): runs
+    in between are not seen one by one, except the last error among them, logged before
+    the last result when it is not that result."""
+    prev = rec.last_result
+    before = (prev["status"], prev["reason"]) if prev is not None else None
+    steps = [digest.last]
+    if digest.last_error is not None and digest.last_error.uuid != digest.last.uuid:
+        steps.insert(0, digest.last_error)
+    title = rec.plan.title if rec.plan is not None else None
+    name = f'job "{title}" ({rec.uuid})' if title else f"job {rec.uuid}"
+    for result in steps:
+        now = (result.status, result.reason if result.status == "error" else None)
+        if before is not None and now == (before[0], before[1] if before[0] == "error" else None):
+            continue
+        if before is None:
+            change = f"{result.status} (first result)"
+        elif before[0] != result.status:
+            change = f"{before[0]} -> {result.status}"
+        else:
+            change = "error again, another reason"
+        if result.status == "error":
+            log.warning("%s: %s: %s", name, change, result.reason)
+        else:
+            log.info("%s: %s", name, change)
+        before = now
 
 
 def _key(plan: RunnerConfig) -> str:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import bisect
 import datetime
+import time
 from collections import defaultdict
 from typing import TYPE_CHECKING
 
@@ -11,6 +13,8 @@ if TYPE_CHECKING:
     from supervisor.service import Service
 
 PREFIX = "assessment_runtime_"
+# Run durations, in seconds: from a quick shell check (10 ms) to a long scan (5 min).
+DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
 def _label(value: object) -> str:
@@ -32,7 +36,8 @@ class Metrics:
     def __init__(self) -> None:
         self.runs: dict[tuple[str, str], int] = defaultdict(int)
         self.duration_sum: dict[str, float] = defaultdict(float)
-        self.duration_count: dict[str, int] = defaultdict(int)
+        # per job: runs in each bucket (not cumulative), the last one +Inf
+        self.duration_buckets: dict[str, list[int]] = {}
         self.runner_exits = 0
         self.source_syncs: dict[tuple[str, str], int] = defaultdict(int)
 
@@ -40,8 +45,12 @@ class Metrics:
         job = digest.job_uuid
         for status, n in digest.runs.items():
             self.runs[(job, status)] += n
-        self.duration_sum[job] += digest.duration_sum
-        self.duration_count[job] += len(digest.durations)
+        buckets = self.duration_buckets.get(job)
+        if buckets is None:
+            buckets = self.duration_buckets[job] = [0] * (len(DURATION_BUCKETS) + 1)
+        for d in digest.durations:
+            buckets[bisect.bisect_left(DURATION_BUCKETS, d)] += 1  # le: a run of exactly 1 s is in le="1"
+            self.duration_sum[job] += d
 
     def runner_exited(self) -> None:
         self.runner_exits += 1
@@ -62,11 +71,22 @@ class Metrics:
 
         metric("runs_total", "counter", "Plugin runs by job and result status.",
                [({"job": j, "status": s}, n) for (j, s), n in sorted(self.runs.items())])
-        metric("run_duration_seconds_sum", "counter", "Total wall time of finished runs.",
-               [({"job": j}, v) for j, v in sorted(self.duration_sum.items())])
-        metric("run_duration_seconds_count", "counter", "Finished runs counted in the sum.",
-               [({"job": j}, v) for j, v in sorted(self.duration_count.items())])
+        name = f"{PREFIX}run_duration_seconds"
+        out.append(f"# HELP {name} Wall time of finished runs, by job.")
+        out.append(f"# TYPE {name} histogram")
+        for job, buckets in sorted(self.duration_buckets.items()):
+            label = f'job="{_label(job)}"'
+            total = 0
+            for bound, n in zip(DURATION_BUCKETS + ("+Inf",), buckets):
+                total += n
+                out.append(f'{name}_bucket{{{label},le="{bound}"}} {total}')
+            out.append(f"{name}_sum{{{label}}} {self.duration_sum[job]:g}")
+            out.append(f"{name}_count{{{label}}} {total}")
         runners = service.manager.runners.values()
+        now = time.time()
+        metric("job_last_result_age_seconds", "gauge", "Seconds since the end of the job's last result.",
+               [({"job": r.uuid}, max(0.0, round(now - _unix_time(r.last_result["end"]), 3)))
+                for r in sorted(runners, key=lambda r: r.uuid) if r.last_result and r.last_result.get("end")])
         metric("runner_restarts_total", "counter", "Runners restarted after they died.",
                [({"job": r.uuid}, r.restarts) for r in sorted(runners, key=lambda r: r.uuid)])
         states: dict[str, int] = defaultdict(int)

@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Callable
 
+from runner import linux
 from runner.framing import Channel, FrameError
 from runner.wire import PublisherSettings, PublisherStats, PublisherToSupervisor
 from supervisor.manager import backoff_delay
@@ -92,7 +93,8 @@ class PublisherLink:
         from_r, from_w = os.pipe()
         listen_fd = self.listener.fileno()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "supervisor.publisher", str(to_r), str(from_w), str(os.getpid()), str(listen_fd)],
+            [sys.executable, "-m", "supervisor.publisher", str(to_r), str(from_w), str(os.getpid()), str(listen_fd),
+             linux.TITLE_ROOM],
             pass_fds=[to_r, from_w, listen_fd], process_group=0)
         os.close(to_r)
         os.close(from_w)

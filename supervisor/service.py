@@ -27,9 +27,9 @@ import msgspec
 
 from supervisor.log import setup_logging
 from runner.protocol import iso_time
-from runner import landlock
+from runner import cron, landlock
 from runner.selfpipe import SelfPipe
-from runner.units import enc_hook
+from runner.units import enc_hook, format_duration
 from runner.wire import PublisherSettings, PublisherStats
 from supervisor import __version__
 from supervisor.cgroups import CgroupTree
@@ -580,8 +580,10 @@ class Service:
                 "pid": rec.pid,
                 "uid": rec.plan.run_as[0] if rec.plan and rec.plan.run_as else None,
                 "runs": rec.runs,
+                "skipped": rec.skipped,
                 "restarts": rec.restarts,
-                "next_run_in": _next_run_in(rec, now),
+                "schedule": _schedule_text(rec.plan),
+                **_next_run(rec, now),
                 "last_result": rec.last_result,
             })
         sources = [s.as_dict() for s in (self.http_source, self.folder_source) if s is not None]
@@ -612,15 +614,32 @@ class Service:
         }
 
 
-def _next_run_in(rec, now: float) -> float | None:
-    """Seconds to the job's next run. The publisher's digest that told us may be a second
-    old: a time already past moves on along the job's grid."""
+def _schedule_text(plan) -> str | None:
+    """"5m" for an interval job, the cron expression for a cron job."""
+    if plan is None:
+        return None
+    return plan.schedule if plan.schedule is not None else format_duration(plan.interval)
+
+
+def _next_run(rec, now: float) -> dict:
+    """next_run_in (seconds) and next_run_at (ISO, UTC) of the job's next run. The
+    publisher's digest that told us may be a second old: a time already past moves on along
+    the job's grid, or to the cron job's next fire time."""
     at = rec.next_run_at
     if at is None:
-        return None
+        return {"next_run_in": None, "next_run_at": None}
+    wall = time.time()
     if at < now and rec.plan is not None and not rec.running:
-        at += math.ceil((now - at) / rec.plan.interval) * rec.plan.interval
-    return round(max(0.0, at - now), 3)
+        if rec.plan.schedule is None:
+            at += math.ceil((now - at) / rec.plan.interval) * rec.plan.interval
+        else:
+            try:
+                fire = cron.next_after(rec.plan.schedule, wall - rec.plan.splay, rec.plan.time_zone)
+                at = now + fire + rec.plan.splay - wall
+            except ValueError:
+                pass
+    wait = max(0.0, at - now)
+    return {"next_run_in": round(wait, 3), "next_run_at": iso_time(wall + wait)}
 
 
 def iso_now() -> str:

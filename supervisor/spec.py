@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import msgspec
 
+from runner import cron
 from runner.units import Duration, Size, dec_hook
 
 # Names, versions and uuids end up in file names: this pattern keeps them inside our folders.
@@ -53,7 +54,10 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 class JobSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     uuid: Name
     plugin: PluginRef
-    interval: Duration
+    interval: Duration | None = None  # exactly one of interval and schedule
+    schedule: str | None = None  # a cron expression (runner/cron.py), read in time_zone
+    time_zone: str = "UTC"
+    splay: Duration | None = None
     title: str | None = None
     timeout: Duration | None = None
     run_on_start: bool = False
@@ -119,8 +123,21 @@ def parse_spec(obj: Any, source: str, path: str = "$") -> Spec:
         job = msgspec.convert(obj, JobSpec, dec_hook=dec_hook)
     except msgspec.ValidationError as e:
         raise SpecError(validation_reason(e, path), uuid) from None
-    if job.interval < 1:
+    if job.interval is None and job.schedule is None:
+        raise SpecError(f"{path}.interval: required field is missing (or give a schedule)", uuid)
+    if job.interval is not None and job.schedule is not None:
+        raise SpecError(f"{path}.schedule: give either interval or schedule, not both", uuid)
+    if job.interval is not None and job.interval < 1:
         raise SpecError(f"{path}.interval: must be at least 1s, got {job.interval:g}s", uuid)
+    if job.schedule is not None:
+        try:
+            cron.parse(job.schedule)
+        except ValueError as e:
+            raise SpecError(f"{path}.schedule: {e}", uuid) from None
+    try:
+        cron.check_zone(job.time_zone)
+    except ValueError as e:
+        raise SpecError(f"{path}.time_zone: {e}", uuid) from None
     if job.timeout is not None and job.timeout <= 0:
         raise SpecError(f"{path}.timeout: must be greater than 0", uuid)
     if job.plugin.url is not None and not job.plugin.url.startswith(("https://", "http://")):

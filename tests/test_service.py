@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import os
 import re
@@ -234,13 +235,16 @@ def test_status_json_has_the_documented_shape(svc):
     assert source["kind"] == "dir" and source["location"] == str(svc.jobs)
     assert set(source) == {"kind", "location", "revision", "last_success", "last_error", "consecutive_failures"}
     [job] = st["jobs"]
-    assert set(job) == {"uuid", "title", "plugin", "revision", "state", "pid", "uid", "runs", "restarts",
-                        "next_run_in", "last_result"}
+    assert set(job) == {"uuid", "title", "plugin", "revision", "state", "pid", "uid", "runs", "skipped", "restarts",
+                        "schedule", "next_run_in", "next_run_at", "last_result"}
+    assert job["schedule"] == "1h" and job["skipped"] == 0
     assert (job["uid"] is not None) is IS_ROOT
     assert job["plugin"] == "ok@1.0.0" and job["state"] == "running" and job["runs"] >= 1
     assert psutil.Process(job["pid"]) in psutil.Process(svc.proc.pid).children(recursive=True)
     assert set(job["last_result"]) == {"uuid", "status", "reason", "end"}
     assert isinstance(job["next_run_in"], float) and 0 < job["next_run_in"] <= 3600
+    at = datetime.datetime.fromisoformat(job["next_run_at"].replace("Z", "+00:00"))
+    assert at.utcoffset() == datetime.timedelta(0) and abs(at.timestamp() - time.time() - job["next_run_in"]) < 5
     [rejected] = st["rejected"]
     assert rejected["uuid"] == "bad-job" and "plugin.version" in rejected["reason"] and "bad.json" in rejected["reason"]
     pub = st["publisher"]
@@ -316,7 +320,8 @@ def test_metrics_endpoint_speaks_prometheus(svc):
         assert code == 200
         return body.decode() if counted in body.decode() else None
     text = wait_for(scrape, 5, what="the run to be counted in the metrics")
-    for name in ("run_duration_seconds_sum", "runner_restarts_total", "outbox_results", "sink_delivered_total"):
+    for name in ("run_duration_seconds_bucket", "run_duration_seconds_sum", "run_duration_seconds_count",
+                 "job_last_result_age_seconds", "runner_restarts_total", "outbox_results", "sink_delivered_total"):
         assert f"assessment_runtime_{name}" in text
     assert all(line.startswith(("#", "assessment_runtime_")) for line in text.splitlines() if line)
 
@@ -384,7 +389,7 @@ def test_the_results_socket_is_ours_alone_and_the_zygote_leaves_nothing_behind(s
              "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])", str(sock_path)],
             capture_output=True, text=True, timeout=20)
         assert probe.returncode != 0 and "PermissionError" in probe.stderr, probe.stderr
-    zygote = [p for p in svc.descendants() if "runner.zygote" in " ".join(p.cmdline()) and
+    zygote = [p for p in svc.descendants() if p.name() == "ar-zygote" and
               p.ppid() == svc.proc.pid]
     assert len(zygote) == 1
     # the warm-up ran a real plugin in a folder of its own and removed it

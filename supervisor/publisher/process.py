@@ -99,16 +99,20 @@ class JobTally:
         self.runs: dict[str, int] = defaultdict(int)
         self.durations: list[float] = []
         self.last: Publish | None = None
+        self.last_error: Publish | None = None
 
     def add(self, message: Publish) -> None:
         self.runs[message.last.status] += 1
         self.durations.append(message.duration)
         self.last = message
+        if message.last.status == "error":
+            self.last_error = message
 
     def digest(self, job_uuid: str) -> JobDigest:
         last = self.last
         return JobDigest(job_uuid=job_uuid, runs=dict(self.runs), duration_sum=sum(self.durations),
-                         durations=self.durations, last=last.last, next_run_at=last.next_run_at)
+                         durations=self.durations, last=last.last, next_run_at=last.next_run_at,
+                         last_error=self.last_error.last if self.last_error is not None else None)
 
 
 class PublisherProcess:
@@ -469,12 +473,14 @@ def read_settings(channel: Channel) -> tuple[PublisherSettings, PublisherConfig]
 
 
 def main(argv: list[str]) -> int:
+    argv = linux.strip_title_room(argv)
     if len(argv) != 4:
         print("usage: python -m supervisor.publisher RFD WFD PARENT_PID LISTEN_FD", file=sys.stderr)
         return 2
     rfd, wfd, parent, listen_fd = (int(a) for a in argv)
     linux.die_with_parent(parent)
     linux.set_process_name("ar-publisher")
+    linux.set_title("assessment-runtime: publisher")
     # Until the loop installs its handlers, nothing is acknowledged: a signal may simply end us.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     setup_logging("publisher")  # until the settings name the format and level
