@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 CONFIG ?= examples/config.toml
 
-.PHONY: venv run test bench clean package package-check offline-bundle
+.PHONY: venv run test bench soak clean package package-check offline-bundle
 
 venv: $(VENV)/.installed runner/ar-exec
 
@@ -25,6 +25,10 @@ test: venv
 
 bench: venv
 	$(PY) benchmarks/run.py
+
+# the service under faults for SOAK_S seconds (default 3600; SOAK_JOBS, default 200): see benchmarks/soak.py
+soak: venv
+	$(PY) benchmarks/soak.py
 
 # .deb and .rpm in dist/ (nfpm, build-only tools in build/tools); reproducible for a given
 # SOURCE_DATE_EPOCH (default: the last commit's time). Needs /usr/bin/python3.11 (apt: python3

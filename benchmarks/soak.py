@@ -1,0 +1,261 @@
+"""`make soak`: the real service under faults for SOAK_S seconds (default 3600), watched.
+
+    SOAK_S=3600 SOAK_JOBS=200 python benchmarks/soak.py [--scale K] [--out DIR]
+
+200 jobs x 1 s (a /bin/sh plugin) with a file sink and an http sink to a loopback hub, and:
+- a random runner SIGKILLed every 10 s;
+- the publisher SIGKILLed every 5 min;
+- the supervisor SIGKILLed every 20 min and the service started again at once (as systemd
+  would restart it; its old runners must notice and leave: orphans are counted);
+- the hub answering 503 for 60 s every 7 min.
+`--scale K` divides those periods by K, for a short run that still meets every fault.
+
+Every 10 s it samples RSS, USS, fds and threads of every process of the service, by role.
+At the end (a clean stop, then the hub drained) it reports, in text and a small hand-written
+SVG chart under --out (default benchmarks/results/):
+- memory and fds: the mean of the last third against the first third after warm-up (flat:
+  within 5%);
+- results: every result in the file sink also reached the hub (lost = 0), duplicates at each;
+- orphans: processes of ours left after the stop;
+- restarts: what was killed, how often.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import statistics
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import psutil  # noqa: E402
+
+from bench_hub import _Server  # noqa: E402
+from benchlib import SH_PLUGIN, Area, Service, install_plugin, job_spec, wait_for  # noqa: E402
+
+SAMPLE = 10.0
+WARMUP = 60.0
+OUR_COMMS = ("ar-runner", "ar-zygote", "ar-publisher")
+
+
+class Hub:
+    """Takes JSON arrays of results; answers 503 while `down`. Counts every uuid it took."""
+
+    def __init__(self):
+        self.down = False
+        self.seen: dict[str, int] = {}
+        self.lock = threading.Lock()
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if hub.down:
+                    self.send_response_only(503)
+                else:
+                    with hub.lock:
+                        for r in json.loads(body):
+                            hub.seen[r["uuid"]] = hub.seen.get(r["uuid"], 0) + 1
+                    self.send_response_only(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        self.server = _Server(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/results"
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
+
+
+def sample(svc: Service) -> dict:
+    out: dict = {"t": time.monotonic()}
+    for role, procs in svc.tree().items():
+        if role in ("plugin", "other"):
+            continue
+        rss = uss = fds = threads = 0.0
+        n = 0
+        for p in procs:
+            try:
+                mem = p.memory_full_info()
+                rss, uss = rss + mem.rss, uss + mem.uss
+                fds += p.num_fds()
+                threads += p.num_threads()
+                n += 1
+            except psutil.Error:
+                continue
+        out[role] = {"n": n, "rss_mb": rss / 2**20, "uss_mb": uss / 2**20, "fds": fds, "threads": threads}
+    return out
+
+
+def orphans(root: Path) -> list[str]:
+    """Processes of ours (by comm, or a plugin under our folder) still alive."""
+    found = []
+    for p in psutil.process_iter(["name", "cmdline"]):
+        try:
+            if p.info["name"] in OUR_COMMS or str(root) in " ".join(p.info["cmdline"] or []):
+                found.append(f"{p.pid} {p.info['name']} {' '.join(p.info['cmdline'] or [])[:80]}")
+        except psutil.Error:
+            continue
+    return found
+
+
+def flat(samples: list[dict], role: str, key: str) -> tuple[float, float, float]:
+    """(first third mean, last third mean, change) after warm-up: a role's total, or for the
+    runners the mean per runner (killed runners come back after a backoff, so their number
+    moves)."""
+    start = samples[0]["t"] + WARMUP
+    values = [s[role][key] / (s[role]["n"] if role == "runner" else 1)
+              for s in samples if s["t"] >= start and role in s and s[role]["n"]]
+    if len(values) < 3:
+        return 0.0, 0.0, 0.0
+    third = len(values) // 3
+    first, last = statistics.mean(values[:third]), statistics.mean(values[-third:])
+    return first, last, (last - first) / first if first else 0.0
+
+
+def svg(samples: list[dict], path: Path) -> None:
+    """Total USS (MB) and fds of the service over time, two polylines, no dependency."""
+    if len(samples) < 2:
+        return
+    t0 = samples[0]["t"]
+    width, height, pad = 800, 300, 40
+    series = {
+        "USS MB": [sum(s[r]["uss_mb"] for r in ("supervisor", "zygote", "publisher", "runner") if r in s)
+                   for s in samples],
+        "fds": [sum(s[r]["fds"] for r in ("supervisor", "zygote", "publisher", "runner") if r in s) for s in samples],
+    }
+    xs = [s["t"] - t0 for s in samples]
+    lines = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+             f'font-size="11"><rect width="100%" height="100%" fill="white"/>']
+    for i, (name, ys) in enumerate(series.items()):
+        top = max(ys) or 1
+        pts = " ".join(f"{pad + (x / max(xs[-1], 1)) * (width - 2 * pad):.1f},"
+                       f"{height - pad - (y / top) * (height - 2 * pad):.1f}" for x, y in zip(xs, ys))
+        color = ("#1f77b4", "#d62728")[i]
+        lines.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{pts}"/>')
+        lines.append(f'<text x="{pad + 200 * i}" y="20" fill="{color}">{name} (max {top:,.0f})</text>')
+    lines.append(f'<text x="{pad}" y="{height - 10}">0 s</text>'
+                 f'<text x="{width - pad - 40}" y="{height - 10}">{xs[-1]:.0f} s</text></svg>')
+    path.write_text("\n".join(lines) + "\n")
+
+
+def run(seconds: float, jobs: int, scale: float, out_dir: Path, log=print) -> dict:
+    periods = {"runner": 10 / scale, "publisher": 300 / scale, "supervisor": 1200 / scale, "hub": 420 / scale}
+    hub_down_for = 60 / scale
+    hub = Hub()
+    area = Area("ar-soak-")
+    root = area.sub("svc")
+    svc = Service(root, extra_config=f'[[publisher.sink]]\nname = "hub"\nkind = "http"\nurl = "{hub.url}"\n'
+                                     f'allow_http = true\nretry_max = "5s"\n')
+    install_plugin(svc.plugins, "trivial", script=SH_PLUGIN)
+    for i in range(jobs):
+        svc.write_spec(f"job-{i:04d}.json", job_spec(plugin="trivial", interval="1s", title=f"soak {i}"))
+    kills = {"runner": 0, "publisher": 0, "supervisor": 0, "hub_outages": 0}
+    samples: list[dict] = []
+    try:
+        svc.start()
+        svc.wait_runners(jobs, timeout=120)
+        started = time.monotonic()
+        due = {k: started + v for k, v in periods.items()}
+        hub_up_at = None
+        next_sample = started
+        while time.monotonic() - started < seconds:
+            now = time.monotonic()
+            if now >= next_sample:
+                samples.append(sample(svc))
+                next_sample += SAMPLE
+            if now >= due["runner"]:
+                due["runner"] += periods["runner"]
+                runners = svc.tree()["runner"]
+                if runners:
+                    try:
+                        random.choice(runners).send_signal(signal.SIGKILL)
+                        kills["runner"] += 1
+                    except psutil.Error:
+                        pass
+            if now >= due["publisher"]:
+                due["publisher"] += periods["publisher"]
+                for p in svc.tree()["publisher"]:
+                    p.send_signal(signal.SIGKILL)
+                    kills["publisher"] += 1
+            if now >= due["supervisor"]:
+                due["supervisor"] += periods["supervisor"]
+                svc.proc.send_signal(signal.SIGKILL)  # only the supervisor: its children must follow
+                svc.proc.wait(10)
+                kills["supervisor"] += 1
+                svc._logf.close()
+                svc._logf = None
+                svc.start()
+            if hub_up_at is None and now >= due["hub"]:
+                due["hub"] += periods["hub"]
+                hub.down, hub_up_at = True, now + hub_down_for
+                kills["hub_outages"] += 1
+            if hub_up_at is not None and now >= hub_up_at:
+                hub.down, hub_up_at = False, None
+            time.sleep(0.2)
+        hub.down = False
+        samples.append(sample(svc))
+        svc.stop(timeout=60)
+        # what the file sink holds must all reach the hub: restart once to drain, then stop
+        results = [json.loads(line) for line in svc.results_file.read_text().splitlines() if line.strip()]
+        file_uuids = [r["uuid"] for r in results]
+        svc.start()
+        wait_for(lambda: set(file_uuids) <= set(hub.seen), 120, what="the hub to have every result")
+        svc.stop(timeout=60)
+        left = orphans(root)
+    finally:
+        svc.kill_all()
+        area.close()
+    file_dupes = len(file_uuids) - len(set(file_uuids))
+    report = {
+        "seconds": seconds, "jobs": jobs, "scale": scale, "kills": kills, "samples": len(samples),
+        "results_in_file": len(set(file_uuids)), "duplicates_in_file": file_dupes,
+        "lost_between_file_and_hub": len(set(file_uuids) - set(hub.seen)),
+        "duplicates_at_hub": sum(n - 1 for n in hub.seen.values() if n > 1), "orphans": left,
+        "flat": {f"{role}.{key}": [round(v, 3) for v in flat(samples, role, key)]
+                 for role in ("supervisor", "zygote", "publisher", "runner") for key in ("uss_mb", "fds", "threads")},
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (out_dir / f"soak-{stamp}.json").write_text(json.dumps({**report, "series": samples}, indent=1) + "\n")
+    svg(samples, out_dir / f"soak-{stamp}.svg")
+    lines = [f"soak: {seconds:.0f} s, {jobs} jobs x 1 s, fault periods / {scale:g}; kills {kills}",
+             f"results {report['results_in_file']:,} in the file, lost between file and hub "
+             f"{report['lost_between_file_and_hub']}, duplicates: file {file_dupes}, hub {report['duplicates_at_hub']}",
+             f"orphans after the stop: {len(left)}"]
+    lines.append("memory, fds, threads after warm-up (runners: per runner):")
+    for name, (first, last, change) in report["flat"].items():
+        mark = "flat" if abs(change) <= 0.05 else "NOT flat"
+        lines.append(f"  {name:<20} first third {first:10.2f}  last third {last:10.2f}  {change:+.1%}  {mark}")
+    (out_dir / f"soak-{stamp}.txt").write_text("\n".join(lines) + "\n")
+    for line in lines:
+        log(line)
+    return report
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scale", type=float, default=1.0, help="divide the fault periods by this")
+    parser.add_argument("--out", default=str(HERE / "results"))
+    args = parser.parse_args()
+    seconds = float(os.environ.get("SOAK_S", "3600"))
+    jobs = int(os.environ.get("SOAK_JOBS", "200"))
+    report = run(seconds, jobs, args.scale, Path(args.out))
+    bad = report["lost_between_file_and_hub"] or report["orphans"]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
