@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import signal
@@ -44,7 +45,9 @@ from benchlib import SH_PLUGIN, Area, Service, install_plugin, job_spec, wait_fo
 
 SAMPLE = 10.0
 WARMUP = 60.0
+FLAT = 0.05  # the last third within 5% of the first third
 OUR_COMMS = ("ar-runner", "ar-zygote", "ar-publisher")
+MARK = "AR_SOAK_ROOT"  # in the service's environment: which processes are this soak's
 
 
 class Hub:
@@ -100,22 +103,25 @@ def sample(svc: Service) -> dict:
 
 
 def orphans(root: Path) -> list[str]:
-    """Processes of ours (by comm, or a plugin under our folder) still alive."""
+    """Processes of this service (ours by comm and marked with MARK=root in their environment,
+    which runners inherit; or a plugin under our folder) still alive. Other services on the
+    machine (a test suite, another soak) are not ours."""
     found = []
     for p in psutil.process_iter(["name", "cmdline"]):
         try:
-            if p.info["name"] in OUR_COMMS or str(root) in " ".join(p.info["cmdline"] or []):
+            mine = p.info["name"] in OUR_COMMS and p.environ().get(MARK) == str(root)
+            if mine or str(root) in " ".join(p.info["cmdline"] or []):
                 found.append(f"{p.pid} {p.info['name']} {' '.join(p.info['cmdline'] or [])[:80]}")
         except psutil.Error:
             continue
     return found
 
 
-def flat(samples: list[dict], role: str, key: str) -> tuple[float, float, float]:
+def flat(samples: list[dict], role: str, key: str, warmup: float = WARMUP) -> tuple[float, float, float]:
     """(first third mean, last third mean, change) after warm-up: a role's total, or for the
     runners the mean per runner (killed runners come back after a backoff, so their number
     moves)."""
-    start = samples[0]["t"] + WARMUP
+    start = samples[0]["t"] + warmup
     values = [s[role][key] / (s[role]["n"] if role == "runner" else 1)
               for s in samples if s["t"] >= start and role in s and s[role]["n"]]
     if len(values) < 3:
@@ -151,9 +157,14 @@ def svg(samples: list[dict], path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def run(seconds: float, jobs: int, scale: float, out_dir: Path, log=print) -> dict:
-    periods = {"runner": 10 / scale, "publisher": 300 / scale, "supervisor": 1200 / scale, "hub": 420 / scale}
-    hub_down_for = 60 / scale
+def periods_for(scale: float) -> tuple[dict[str, float], float]:
+    """The fault periods (s) of `make soak`, divided by `scale`, and how long the hub stays down."""
+    return {"runner": 10 / scale, "publisher": 300 / scale, "supervisor": 1200 / scale, "hub": 420 / scale}, 60 / scale
+
+
+def run(seconds: float, jobs: int, periods: dict[str, float], hub_down_for: float, out_dir: Path,
+        sample_every: float = SAMPLE, warmup: float = WARMUP, log=print) -> dict:
+    """The soak itself: faults every `periods[kind]` seconds; returns the report (see verdict)."""
     hub = Hub()
     area = Area("ar-soak-")
     root = area.sub("svc")
@@ -164,6 +175,7 @@ def run(seconds: float, jobs: int, scale: float, out_dir: Path, log=print) -> di
         svc.write_spec(f"job-{i:04d}.json", job_spec(plugin="trivial", interval="1s", title=f"soak {i}"))
     kills = {"runner": 0, "publisher": 0, "supervisor": 0, "hub_outages": 0}
     samples: list[dict] = []
+    os.environ[MARK] = str(root)  # inherited by the service's processes (plugins get a scrubbed one)
     try:
         svc.start()
         svc.wait_runners(jobs, timeout=120)
@@ -175,7 +187,7 @@ def run(seconds: float, jobs: int, scale: float, out_dir: Path, log=print) -> di
             now = time.monotonic()
             if now >= next_sample:
                 samples.append(sample(svc))
-                next_sample += SAMPLE
+                next_sample += sample_every
             if now >= due["runner"]:
                 due["runner"] += periods["runner"]
                 runners = svc.tree()["runner"]
@@ -218,31 +230,62 @@ def run(seconds: float, jobs: int, scale: float, out_dir: Path, log=print) -> di
     finally:
         svc.kill_all()
         area.close()
+        os.environ.pop(MARK, None)
     file_dupes = len(file_uuids) - len(set(file_uuids))
     report = {
-        "seconds": seconds, "jobs": jobs, "scale": scale, "kills": kills, "samples": len(samples),
+        "seconds": seconds, "jobs": jobs, "periods": periods, "hub_down_for": hub_down_for, "kills": kills,
+        "samples": len(samples),
         "results_in_file": len(set(file_uuids)), "duplicates_in_file": file_dupes,
         "lost_between_file_and_hub": len(set(file_uuids) - set(hub.seen)),
         "duplicates_at_hub": sum(n - 1 for n in hub.seen.values() if n > 1), "orphans": left,
-        "flat": {f"{role}.{key}": [round(v, 3) for v in flat(samples, role, key)]
+        "flat": {f"{role}.{key}": [round(v, 3) for v in flat(samples, role, key, warmup)]
                  for role in ("supervisor", "zygote", "publisher", "runner") for key in ("uss_mb", "fds", "threads")},
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     (out_dir / f"soak-{stamp}.json").write_text(json.dumps({**report, "series": samples}, indent=1) + "\n")
     svg(samples, out_dir / f"soak-{stamp}.svg")
-    lines = [f"soak: {seconds:.0f} s, {jobs} jobs x 1 s, fault periods / {scale:g}; kills {kills}",
+    every = ", ".join(f"{kind} {period:g} s" for kind, period in periods.items())
+    lines = [f"soak: {seconds:.0f} s, {jobs} jobs x 1 s; faults every: {every} (hub down {hub_down_for:g} s); "
+             f"kills {kills}",
              f"results {report['results_in_file']:,} in the file, lost between file and hub "
              f"{report['lost_between_file_and_hub']}, duplicates: file {file_dupes}, hub {report['duplicates_at_hub']}",
              f"orphans after the stop: {len(left)}"]
     lines.append("memory, fds, threads after warm-up (runners: per runner):")
     for name, (first, last, change) in report["flat"].items():
-        mark = "flat" if abs(change) <= 0.05 else "NOT flat"
+        mark = "flat" if abs(change) <= FLAT else "NOT flat"
         lines.append(f"  {name:<20} first third {first:10.2f}  last third {last:10.2f}  {change:+.1%}  {mark}")
     (out_dir / f"soak-{stamp}.txt").write_text("\n".join(lines) + "\n")
     for line in lines:
         log(line)
     return report
+
+
+def expected_faults(seconds: float, periods: dict[str, float]) -> dict[str, int]:
+    """How many of each fault a run of `seconds` must have met (the first is due one period in;
+    a runner kill finds no runner while they all restart, so 90% of those)."""
+    due = {kind: max(0, math.ceil(seconds / period) - 1) for kind, period in periods.items()}
+    due["runner"] = int(due["runner"] * 0.9)
+    due["hub_outages"] = due.pop("hub")
+    return due
+
+
+def verdict(report: dict, expected_kills: dict[str, int], flat_within: float = FLAT,
+            flat_keys: tuple[str, ...] = ("uss_mb", "fds", "threads")) -> list[str]:
+    """What went wrong, if anything: results lost between the file and the hub, orphans, a
+    fault that did not happen as often as planned, a figure that is not flat."""
+    bad = []
+    if report["lost_between_file_and_hub"]:
+        bad.append(f"{report['lost_between_file_and_hub']} results in the file never reached the hub")
+    if report["orphans"]:
+        bad.append(f"orphans after the stop: {report['orphans']}")
+    for kind, least in expected_kills.items():
+        if report["kills"][kind] < least:
+            bad.append(f"{kind}: {report['kills'][kind]} faults, expected at least {least}")
+    for name, (first, last, change) in report["flat"].items():
+        if name.split(".")[1] in flat_keys and abs(change) > flat_within:
+            bad.append(f"{name} not flat: {first:.2f} -> {last:.2f} ({change:+.1%}, allowed {flat_within:.0%})")
+    return bad
 
 
 def main() -> int:
@@ -252,8 +295,11 @@ def main() -> int:
     args = parser.parse_args()
     seconds = float(os.environ.get("SOAK_S", "3600"))
     jobs = int(os.environ.get("SOAK_JOBS", "200"))
-    report = run(seconds, jobs, args.scale, Path(args.out))
-    bad = report["lost_between_file_and_hub"] or report["orphans"]
+    periods, hub_down_for = periods_for(args.scale)
+    report = run(seconds, jobs, periods, hub_down_for, Path(args.out))
+    bad = verdict(report, expected_faults(seconds, periods))
+    for line in bad:
+        print(f"soak: {line}", file=sys.stderr)
     return 1 if bad else 0
 
 
