@@ -19,9 +19,9 @@ from pathlib import Path
 
 import psutil
 
-from benchlib import (PYTHON, SH_PLUGIN, Area, BenchError, CpuAcct, ResultsTail, Service, cpu_delta, cpu_snapshot,
-                      install_plugin, iso_to_epoch, job_spec, read_results, stdin_document, system_busy, uss_mb,
-                      wait_for)
+from benchlib import (PYTHON, SH_PLUGIN, Area, BenchError, CpuAcct, Ksm, ResultsTail, Service, cpu_delta,
+                      cpu_snapshot, install_plugin, iso_to_epoch, job_spec, read_results, stdin_document, system_busy,
+                      uss_mb, wait_for)
 
 HERE = Path(__file__).resolve().parent
 YARDSTICKS_MS = {"Nagios Core 4": 0.51, "Icinga 2": 1.4}
@@ -30,10 +30,17 @@ OWN_ROLES = ("supervisor", "zygote", "publisher", "runner", "other")
 
 
 def run_variant(area: Area, kind: str, jobs: int, window: float, warmup: float,
-                c_binary: Path | None = None, log=print, confine: bool = True) -> dict:
+                c_binary: Path | None = None, log=print, confine: bool = True, ksm: bool = False) -> dict:
     """One measurement: `jobs` jobs of the `kind` ("sh" or "c") plugin at 1 run/s each;
-    `confine=False`: without Landlock (to show what confinement costs)."""
-    name = f"per-run-{kind}-{jobs}" + ("" if confine else "-unconfined")
+    `confine=False`: without Landlock (to show what confinement costs); `ksm`: with the
+    host's KSM on (off otherwise), merging settled before the window, ksmd's CPU counted as ours."""
+    with Ksm(ksm) as k:
+        return _run_variant(area, kind, jobs, window, warmup, c_binary, log, confine, k)
+
+
+def _run_variant(area: Area, kind: str, jobs: int, window: float, warmup: float,
+                 c_binary: Path | None, log, confine: bool, ksm: Ksm) -> dict:
+    name = f"per-run-{kind}-{jobs}" + ("" if confine else "-unconfined") + ("-ksm" if ksm.on else "")
     root = area.sub(name)
     svc = Service(root, jobs_config="" if confine else "confine = false\n")
     plugin = "trivial"
@@ -45,7 +52,8 @@ def run_variant(area: Area, kind: str, jobs: int, window: float, warmup: float,
     for i, doc in enumerate(specs):
         svc.write_spec(f"job-{i:04d}.json", doc)
     out: dict = {"name": name, "plugin": kind, "jobs": jobs, "interval_s": 1.0, "window_s": window,
-                 "warmup_s": warmup, "nominal_rate": jobs / 1.0, "loadavg_before": os.getloadavg()[0]}
+                 "warmup_s": warmup, "nominal_rate": jobs / 1.0, "loadavg_before": os.getloadavg()[0],
+                 "ksm": ksm.on and ksm.before is not None}
     acct = CpuAcct.create(f"service-{name}")
     base_acct = CpuAcct.create(f"baseline-{name}")
     try:
@@ -56,12 +64,16 @@ def run_variant(area: Area, kind: str, jobs: int, window: float, warmup: float,
         tail = ResultsTail(svc.results_file)
         wait_for(lambda: tail.new(), 10, 0.2, what="first results in the file")
         time.sleep(warmup)
+        if out["ksm"]:
+            out["ksm_settle_s"] = round(ksm.settle(), 1)
+            log(f"  [{name}] KSM merging settled after {out['ksm_settle_s']:.0f} s")
 
         # each snapshot reads every process once; its clock is the middle of that read
         procs0 = svc.tree()
         m_a, w_a = time.monotonic(), time.time()
         snap0 = cpu_snapshot(procs0)
         acct0 = acct.usage() if acct else None
+        ksmd0 = Ksm.cpu_seconds()
         busy0 = system_busy()
         m_b, w_b = time.monotonic(), time.time()
         mono0, wall0 = (m_a + m_b) / 2, (w_a + w_b) / 2
@@ -70,6 +82,7 @@ def run_variant(area: Area, kind: str, jobs: int, window: float, warmup: float,
         m_a, w_a = time.monotonic(), time.time()
         snap1 = cpu_snapshot(procs1)
         acct1 = acct.usage() if acct else None
+        ksmd1 = Ksm.cpu_seconds()
         busy1 = system_busy()
         m_b, w_b = time.monotonic(), time.time()
         mono1, wall1 = (m_a + m_b) / 2, (w_a + w_b) / 2
@@ -112,6 +125,9 @@ def run_variant(area: Area, kind: str, jobs: int, window: float, warmup: float,
             raise BenchError(f"{name}: no runs in the measurement window; log tail:\n{svc.log_tail()}")
         by_role = delta["by_role"]
         cpu = {role: round(by_role.get(role, {}).get("own", 0.0), 4) for role in OWN_ROLES}
+        if out["ksm"]:  # the kernel's merging thread works for us: its time is ours
+            cpu["ksmd"] = round(ksmd1 - ksmd0, 4)
+            out["ksm_pages_sharing"] = ksm.pages_sharing()
         plugin_cpu = by_role.get("runner", {}).get("children", 0.0)
         own_total = sum(cpu.values())
         out["cpu_s"] = dict(cpu, plugins=round(plugin_cpu, 4), runtime_total=round(own_total, 4))
@@ -124,7 +140,7 @@ def run_variant(area: Area, kind: str, jobs: int, window: float, warmup: float,
         out["per_run_ms"]["runtime_excl_plugin"] = round(1000 * own_total / runs, 4)
         out["per_run_ms"]["runtime_total"] = round(1000 * (own_total + plugin_cpu) / runs, 4)
         if acct is not None:  # exact: every process of the service and every plugin, in ns
-            out["per_run_ms"]["runtime_total"] = round(1000 * (acct1 - acct0) / runs, 4)
+            out["per_run_ms"]["runtime_total"] = round(1000 * (acct1 - acct0 + cpu.get("ksmd", 0.0)) / runs, 4)
             out["per_run_ms"]["plugin"] = round(out["per_run_ms"]["runtime_total"] - 1000 * own_total / runs, 4)
             out["cpu_accounting"] = "cgroup v1 cpuacct (exact); roles from /proc/PID/schedstat"
         else:
@@ -235,8 +251,12 @@ def format_variant(r: dict) -> list[str]:
             f"{role} {pr[key]:.3f} ({100 * pr[key] / pr['runtime_total']:.0f}%)"
             for role, key in (("supervisor", "supervisor"), ("publisher", "publisher"), ("zygote", "zygote"),
                               ("runners", "runner"), ("plugins incl. fork child", "plugin"))
-        ) + (f", other {pr['other']:.3f}" if pr.get("other") else ""),
+        ) + (f", other {pr['other']:.3f}" if pr.get("other") else "")
+        + (f", ksmd {pr['ksmd']:.3f}" if "ksmd" in pr else ""),
     ]
+    if r.get("ksm"):
+        lines.append(f"    KSM                 on: merging settled {r['ksm_settle_s']:.0f} s after the warm-up; "
+                     f"{r['ksm_pages_sharing']:,} pages shared ({r['ksm_pages_sharing'] * 4 / 1024:.0f} MB saved)")
     lines.append(f"    CPU accounting      {r['cpu_accounting']}")
     m, late = r["memory_active"], r["lateness_ms"]
     lines.append(f"    memory (active)     whole service USS {m['total_uss_mb']:.1f} MB; runner mean USS "

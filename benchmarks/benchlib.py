@@ -500,3 +500,68 @@ def system_busy() -> float:
     t = psutil.cpu_times()
     return t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0) + \
         getattr(t, "steal", 0.0)
+
+
+class Ksm:
+    """The host's KSM (kernel same-page merging), set for one measurement and put back after.
+
+    Runners offer their pages to KSM (the zygote's PR_SET_MEMORY_MERGE); whether any are
+    merged is the host's setting, /sys/kernel/mm/ksm/run. A measurement sets it, so that its
+    figures do not depend on what the host had, and counts what ksmd costs: it works for us."""
+
+    ROOT = "/sys/kernel/mm/ksm"
+
+    def __init__(self, on: bool):
+        self.on = on
+        self.before: str | None = None
+
+    @classmethod
+    def available(cls) -> bool:
+        return IS_ROOT and os.access(os.path.join(cls.ROOT, "run"), os.W_OK)
+
+    def _read(self, name: str) -> int:
+        with open(os.path.join(self.ROOT, name)) as f:
+            return int(f.read())
+
+    def _write_run(self, value: str) -> None:
+        with open(os.path.join(self.ROOT, "run"), "w") as f:
+            f.write(value)
+
+    def __enter__(self) -> "Ksm":
+        if self.available():
+            self.before = str(self._read("run"))
+            self._write_run("1" if self.on else "0")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.before is not None:
+            self._write_run(self.before)
+
+    def pages_sharing(self) -> int:
+        return self._read("pages_sharing") if self.available() else 0
+
+    def settle(self, timeout: float = 600.0, step: float = 30.0) -> float:
+        """Wait until merging stops growing (under 1% in `step` s), at most `timeout` s; the
+        seconds it took. ksmd scans at the host's rate (by default 100 pages every 20 ms), so
+        200 runners take minutes."""
+        start = time.monotonic()
+        last = -1
+        while self.on and time.monotonic() - start < timeout:
+            now = self.pages_sharing()
+            if last > 0 and now - last < 0.01 * last:
+                break
+            last = now
+            time.sleep(step)
+        return time.monotonic() - start
+
+    @staticmethod
+    def cpu_seconds() -> float:
+        """CPU time of the ksmd kernel thread so far."""
+        for p in psutil.process_iter(["name"]):
+            if p.info["name"] == "ksmd":
+                try:
+                    t = p.cpu_times()
+                    return t.user + t.system
+                except psutil.Error:
+                    return 0.0
+        return 0.0

@@ -15,6 +15,7 @@ PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
 PR_SET_CHILD_SUBREAPER = 36
 PR_SET_NO_NEW_PRIVS = 38
+PR_SET_MEMORY_MERGE = 67  # Linux 6.4
 
 
 def prctl(option: int, arg: int = 0) -> None:
@@ -37,6 +38,17 @@ def set_child_subreaper() -> None:
 
 def set_no_new_privs() -> None:
     prctl(PR_SET_NO_NEW_PRIVS, 1)
+
+
+def set_memory_merge(on: bool) -> bool:
+    """Offer every page of this process (and, inherited across fork and exec, of its children)
+    to KSM, or take them back. Whether anything is merged is the host's choice
+    (/sys/kernel/mm/ksm/run). False where the kernel has no such prctl (before 6.4, or no KSM)."""
+    try:
+        prctl(PR_SET_MEMORY_MERGE, int(on))
+    except OSError:
+        return False
+    return True
 
 
 def set_process_name(name: str) -> None:

@@ -178,6 +178,8 @@ class Sandbox:
             linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
             step = "chdir"
             os.chdir(cwd)
+            # inherited from the zygote across exec: a plugin's pages are never offered to KSM
+            linux.set_memory_merge(False)
             step = "exec"
             os.execve(argv[0], argv, env)
         except BaseException as e:  # noqa: BLE001 - anything here must reach the parent

@@ -42,6 +42,9 @@ with open("/proc/self/status") as f:
         if line.startswith(("CapEff", "CapAmb", "CapBnd")):
             k, v = line.split(":"); out[k] = v.strip()
 out["cwd"] = os.getcwd()
+if os.path.exists("/proc/self/ksm_stat"):
+    with open("/proc/self/ksm_stat") as f:
+        out["ksm_merge_any"] = dict(line.split(": ") for line in f.read().splitlines() if ": " in line)["ksm_merge_any"]
 attempt("read_passwd", lambda: open("/etc/passwd").read(10) and None)
 def create(folder):
     p = os.path.join(folder, "probe-" + str(os.getpid()))
@@ -115,6 +118,11 @@ def test_each_job_runs_as_its_own_uid_and_cannot_reach_another_jobs_scratch(serv
         assert seen["cwd"] == str(folder)
     status = {j["uuid"]: j for j in svc.status()["jobs"]}
     assert status[a["uuid"]]["uid"] == int(seen_a["uid"]) and status[b["uuid"]]["uid"] == int(seen_b["uid"])
+    # runners offer their pages to KSM (the zygote's prctl, inherited); plugins never do
+    if "ksm_merge_any" in seen_a:
+        runner = status[a["uuid"]]["pid"]
+        assert "ksm_merge_any: yes" in open(f"/proc/{runner}/ksm_stat").read()
+        assert seen_a["ksm_merge_any"] == seen_b["ksm_merge_any"] == "no", (seen_a, seen_b)
     assert svc.status()["sandbox"]["user_per_job"] is True
 
     # stable across a restart; released, with the scratch folder, when the job is deleted

@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 import pwd
 import select
+import subprocess
+import sys
 import time
 
 import pytest
 
+from conftest import REPO
 from runner.sandbox import HELPER, Sandbox
 from runner.wire import RunLimits
 
@@ -98,3 +101,29 @@ def test_helper_failure_is_reported(scratch):
     status, out, err = run(sandbox, "true", scratch + "/missing")
     assert os.WEXITSTATUS(status) == 127
     assert err.startswith("ar-exec: chdir: No such file or directory")
+
+
+@pytest.mark.parametrize("helper", PATHS)
+def test_a_plugin_is_never_offered_to_ksm(helper, scratch):
+    """Runners offer their pages to KSM, and that is inherited across exec: both ways of
+    starting a plugin take it back. Run in a child python that opts in first, as the zygote does."""
+    if not os.path.exists("/proc/self/ksm_stat"):
+        pytest.skip("this kernel has no /proc/PID/ksm_stat (KSM or Linux < 6.4)")
+    if helper is not None and not os.access(helper, os.X_OK):
+        pytest.skip("runner/ar-exec is not built")
+    code = f"""
+import os, sys
+sys.path.insert(0, {str(REPO)!r})
+sys.path.insert(0, {str(REPO / "tests")!r})
+from runner import linux
+from runner.sandbox import Sandbox
+from runner.wire import RunLimits
+from test_sandbox import run
+assert linux.set_memory_merge(True)
+sandbox = Sandbox(RunLimits(None, None, None, None, 1 << 20), None, {{"PATH": "/usr/bin:/bin"}}, helper={helper!r})
+status, out, err = run(sandbox, "grep merge_any /proc/self/ksm_stat", {scratch!r})
+print(open("/proc/self/ksm_stat").read().count("ksm_merge_any: yes"), out.strip(), err.strip())
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n")[0] == "1 ksm_merge_any: no ", r.stdout
