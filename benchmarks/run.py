@@ -109,32 +109,33 @@ def bench_per_run(area: Area, args, report: dict) -> None:
     # what Landlock costs per run: the top rate's sh variant again with confine = false
     top = f"per-run-sh-{rates[-1]}"
     confined = next((r for r in results if r.get("name") == top and "per_run_ms" in r), None)
-    if confined is not None:
-        say(f"  [{top}-unconfined] the same with confine = false ...")
-        try:
-            r = b.run_variant(area, "sh", rates[-1], args.window, args.warmup, log=say, confine=False)
-        except Exception as e:  # noqa: BLE001
-            say(f"  {top}-unconfined: FAILED: {e}")
-            results.append({"name": f"{top}-unconfined", "error": str(e), "traceback": traceback.format_exc()})
-        else:
-            results.append(r)
-            say(*b.format_variant(r))
-            extra = confined["overhead_beyond_spawn_wait_ms"] - r["overhead_beyond_spawn_wait_ms"]
-            report["confine_cost_ms"] = round(extra, 3)
-            say(f"  confinement costs {extra:+.3f} ms per run (confined {confined['overhead_beyond_spawn_wait_ms']:.3f} "
-                f"vs unconfined {r['overhead_beyond_spawn_wait_ms']:.3f} ms beyond the bare loop; the spread between "
-                f"runs of the same variant is about 0.1 ms)")
+    if confined is None:
+        return
+    r = _variant(b, area, args, results, rates[-1], f"{top}-unconfined", "the same with confine = false", confine=False)
+    if r is not None:
+        extra = confined["overhead_beyond_spawn_wait_ms"] - r["overhead_beyond_spawn_wait_ms"]
+        report["confine_cost_ms"] = round(extra, 3)
+        say(f"  confinement costs {extra:+.3f} ms per run (confined {confined['overhead_beyond_spawn_wait_ms']:.3f} "
+            f"vs unconfined {r['overhead_beyond_spawn_wait_ms']:.3f} ms beyond the bare loop; the spread between "
+            f"runs of the same variant is about 0.1 ms)")
     # the same with the host's KSM on: runners offer their pages, ksmd merges the identical ones
-    if confined is not None and Ksm.available():
-        say(f"  [{top}-ksm] the same with KSM on (/sys/kernel/mm/ksm/run = 1; put back after) ...")
-        try:
-            r = b.run_variant(area, "sh", rates[-1], args.window, args.warmup, log=say, ksm=True)
-        except Exception as e:  # noqa: BLE001
-            say(f"  {top}-ksm: FAILED: {e}")
-            results.append({"name": f"{top}-ksm", "error": str(e), "traceback": traceback.format_exc()})
-        else:
-            results.append(r)
-            say(*b.format_variant(r))
+    if Ksm.available():
+        _variant(b, area, args, results, rates[-1], f"{top}-ksm",
+                 "the same with KSM on (/sys/kernel/mm/ksm/run = 1; put back after)", ksm=True)
+
+
+def _variant(b, area: Area, args, results: list, jobs: int, name: str, what: str, **kwargs) -> dict | None:
+    """One more shape of the sh measurement at `jobs` jobs; its result, or None when it failed."""
+    say(f"  [{name}] {what} ...")
+    try:
+        r = b.run_variant(area, "sh", jobs, args.window, args.warmup, log=say, **kwargs)
+    except Exception as e:  # noqa: BLE001 - one failed variant must not end the run
+        say(f"  {name}: FAILED: {e}")
+        results.append({"name": name, "error": str(e), "traceback": traceback.format_exc()})
+        return None
+    results.append(r)
+    say(*b.format_variant(r))
+    return r
 
 
 def bench_spawn(area: Area, args, report: dict) -> None:
