@@ -109,6 +109,8 @@ mount -t tmpfs -o mode=755,nosuid tmpfs "$R/dev"
 for n in null zero full random urandom tty; do touch "$R/dev/$n"; mount --bind /dev/$n "$R/dev/$n"; done
 touch "$R/dev/console"; mount --bind /dev/null "$R/dev/console"
 mkdir "$R/dev/shm" "$R/dev/pts"; mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs "$R/dev/shm"
+# a devpts of its own and /dev/ptmx: without them PrivateDevices=yes fails (226/NAMESPACE)
+mount -t devpts -o newinstance,ptmxmode=0666,mode=620 devpts "$R/dev/pts"; ln -s pts/ptmx "$R/dev/ptmx"
 ln -s /proc/self/fd "$R/dev/fd"; ln -s /proc/self/fd/0 "$R/dev/stdin"
 ln -s /proc/self/fd/1 "$R/dev/stdout"; ln -s /proc/self/fd/2 "$R/dev/stderr"
 hostname ctr
