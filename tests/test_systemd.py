@@ -499,6 +499,9 @@ def test_without_systemds_kill_the_new_instance_removes_the_old_processes(ctr):
     journal = c.journal(since - 1)
     print("\n".join(l for l in journal.splitlines() if "systemd[" in l or "stale" in l or "cgroup" in l))
     assert "Main process exited, code=killed, status=9/KILL" in journal, journal
+    assert "Found left-over process" in journal, journal  # systemd saw it and left it to us
+    # the new instance's own cleanup at start killed it (supervisor/cgroups.py remove_stale)
+    assert re.search(rf"killed 1 processes left in \S+/jobs/{DAEMON_UUID} by an earlier instance", journal), journal
     c.sh(f"rm -f {CONF}/jobs.d/test-daemonizer.json")
     dropin(c, """\
         WatchdogSec=5s
