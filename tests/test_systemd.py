@@ -7,8 +7,9 @@ cgroup v1 controllers writable. The tests run in file order on one container (mo
 install and start, the default config, limits, reload, restart, the watchdog, SIGKILL (with
 systemd's KillMode and without it), stop, the exposure score, remove and purge.
 
-Needs root and debootstrap (skipped otherwise). Cold (no cache): debootstrap and one
-`apt-get update` in the root, about a minute more than warm.
+Needs root and debootstrap (skipped otherwise). Warm (cached root): about a minute. Cold: the
+debootstrap and one `apt-get update` in the root (about a minute on an idle machine, three
+under heavy load) and a first `make package` that fetches its build tools.
 """
 
 from __future__ import annotations
