@@ -41,9 +41,9 @@ quietly() {  # run a command, show its output without known noise, fail when it 
 }
 
 echo "== unit: exposure (systemd-analyze security --offline)"
-# fails when the exposure rises above 4.0 (it is 3.7): a regression in the hardening
-systemd-analyze security --offline=yes --threshold=40 packaging/systemd/assessment-runtime.service > "$WORK/security.txt" \
-    || { cat "$WORK/security.txt" >&2; echo "exposure above 4.0" >&2; exit 1; }
+# fails when the exposure rises above 3.2 (what it is): a regression in the hardening
+systemd-analyze security --offline=yes --threshold=32 packaging/systemd/assessment-runtime.service > "$WORK/security.txt" \
+    || { cat "$WORK/security.txt" >&2; echo "exposure above 3.2" >&2; exit 1; }
 tail -1 "$WORK/security.txt"
 
 echo "== lintian"
@@ -76,6 +76,10 @@ check_root() {  # ROOT KIND
     # is an executable file)
     local unit=$root/lib/systemd/system/assessment-runtime.service
     [ -f "$unit" ] || unit=$root/usr/lib/systemd/system/assessment-runtime.service
+    # byte-identical to the unit that tests/test_systemd.py runs under a real systemd (the .rpm
+    # cannot be run under systemd here: no RHEL root can be made; README "Packages")
+    cmp -s "$unit" "$REPO/packaging/systemd/assessment-runtime.service" \
+        || { echo "$kind: the installed unit differs from packaging/systemd/assessment-runtime.service" >&2; return 1; }
     sed "s#/opt/assessment-runtime#$root/opt/assessment-runtime#g" "$unit" > "$WORK/assessment-runtime.service"
     systemd-analyze verify "$WORK/assessment-runtime.service" || { echo "$kind: systemd-analyze verify failed" >&2; return 1; }
     echo "-- $kind: systemd-analyze verify: ok"

@@ -25,7 +25,7 @@ import logging
 import os
 import time
 
-from runner.jobcgroup import JobCgroup
+from runner.jobcgroup import JobCgroup, cgroup_pids
 
 log = logging.getLogger(__name__)
 
@@ -264,8 +264,12 @@ class CgroupTree:
             except OSError:
                 continue
             for name in names:
-                if os.path.isdir(os.path.join(base, name)) and name not in self.jobs:
-                    _remove(os.path.join(base, name))
+                folder = os.path.join(base, name)
+                if os.path.isdir(folder) and name not in self.jobs:
+                    left = len(cgroup_pids(folder))
+                    _remove(folder)
+                    if left:  # an earlier instance was killed and nobody else cleaned up
+                        log.warning("killed %d processes left in %s by an earlier instance", left, folder)
 
     def close(self) -> None:
         """At stop, after every runner is gone: remove every job cgroup, and v1 parents we made."""
