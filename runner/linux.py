@@ -40,6 +40,15 @@ def set_no_new_privs() -> None:
     prctl(PR_SET_NO_NEW_PRIVS, 1)
 
 
+def ksm_running() -> bool:
+    """Whether the host's KSM merges pages (/sys/kernel/mm/ksm/run is 1)."""
+    try:
+        with open("/sys/kernel/mm/ksm/run", "rb") as f:
+            return f.read().strip() == b"1"
+    except OSError:
+        return False
+
+
 def set_memory_merge(on: bool) -> bool:
     """Offer every page of this process (and, inherited across fork and exec, of its children)
     to KSM, or take them back. Whether anything is merged is the host's choice

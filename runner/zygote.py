@@ -89,7 +89,9 @@ def main() -> int:
     # a megabyte of pages it shares with us, and the kernel copies each. Most of those copies
     # are byte-identical in every runner; where the host runs KSM, it merges them back (about
     # 1 MB of 2.1 per active runner). Plugins are taken out again before they start (ar-exec).
-    linux.set_memory_merge(True)
+    # Only when KSM runs now: the offer costs each plugin start about 20 us (an exec carries it).
+    if linux.ksm_running():
+        linux.set_memory_merge(True)
     try:
         runner.warmup.warm_up()  # before the freeze below, so that every runner shares what it leaves
     except Exception as e:  # noqa: BLE001 - an optimisation only: never a reason not to start
