@@ -39,6 +39,21 @@ def wait_for(predicate, timeout: float = 15.0, interval: float = 0.05, what: str
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last value: {last!r})")
 
 
+# A plugin that maps and touches 200 MiB (tests of memory limits)
+MEMORY_HOG = """\
+#!/usr/bin/python3
+import mmap, sys
+sys.stdin.read()
+chunks = []
+for i in range(200):  # 200 MiB in 1 MiB maps, each page touched
+    m = mmap.mmap(-1, 1 << 20)
+    for off in range(0, 1 << 20, 4096):
+        m[off] = 1
+    chunks.append(m)
+print('{"status": "satisfied"}')
+"""
+
+
 def make_plugin(plugin_dir: Path, name: str, script: str, version: str = "1.0.0",
                 protocol: str = "assessment/1") -> Path:
     folder = plugin_dir / name / version

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import IS_ROOT, REPO, make_plugin, spec, wait_for
+from conftest import IS_ROOT, MEMORY_HOG, REPO, make_plugin, spec, wait_for
 from runner import landlock
 
 pytestmark = pytest.mark.skipif(not IS_ROOT, reason="isolation needs root")
@@ -233,19 +233,6 @@ def subfolders(folder: str) -> list[str]:
     return sorted(n for n in os.listdir(folder) if os.path.isdir(os.path.join(folder, n)))
 
 
-HOG = """
-#!/usr/bin/python3
-import mmap, sys
-sys.stdin.read()
-chunks = []
-for i in range(200):  # 200 MiB in 1 MiB maps, each page touched
-    m = mmap.mmap(-1, 1 << 20)
-    for off in range(0, 1 << 20, 4096):
-        m[off] = 1
-    chunks.append(m)
-print('{"status": "satisfied"}')
-"""
-
 FORK_BOMB = """
 #!/bin/sh
 cat >/dev/null
@@ -267,7 +254,7 @@ def test_cgroup_v1_enforces_memory_and_processes_and_leaves_nothing_behind(servi
     if not v1_available():
         pytest.skip("no cgroup v1 memory and pids hierarchies")
     svc = service_factory()
-    make_plugin(svc.plugins, "hog", HOG)
+    make_plugin(svc.plugins, "hog", MEMORY_HOG)
     make_plugin(svc.plugins, "bomb", FORK_BOMB)
     make_plugin(svc.plugins, "canary", CANARY)
     hog = spec(plugin="hog", interval="5s", limits={"memory": "64MiB"})

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, wait_for
+from conftest import MEMORY_HOG, REPO, wait_for
 
 SCRIPT = REPO / "tests" / "systemd_container.sh"
 CACHE = REPO / "build" / "systemd-root"
@@ -79,18 +79,6 @@ OK_PLUGIN = """\
 #!/bin/sh
 cat >/dev/null
 echo '{"status": "satisfied", "title": "tick"}'
-"""
-HOG = """\
-#!/usr/bin/python3
-import mmap, sys
-sys.stdin.read()
-chunks = []
-for i in range(200):  # 200 MiB in 1 MiB maps, each page touched
-    m = mmap.mmap(-1, 1 << 20)
-    for off in range(0, 1 << 20, 4096):
-        m[off] = 1
-    chunks.append(m)
-print('{"status": "satisfied"}')
 """
 FORK_BOMB = """\
 #!/bin/sh
@@ -348,7 +336,7 @@ def add_spec(c: Container, uuid: str, plugin: str, interval: str, **extra) -> No
 @pytest.mark.timeout(120)
 def test_limits_are_enforced_in_the_delegated_cgroup(ctr):
     c = ctr
-    add_plugin(c, "hog", HOG)
+    add_plugin(c, "hog", MEMORY_HOG)
     add_plugin(c, "bomb", FORK_BOMB)
     add_plugin(c, "tick", OK_PLUGIN)
     add_spec(c, HOG_UUID, "hog", "1h", limits={"memory": "64MiB"})
