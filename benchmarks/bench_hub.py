@@ -90,6 +90,27 @@ class _Server(ThreadingHTTPServer):
         pass
 
 
+def serve_posts(on_post, path: str = "/") -> tuple[_Server, str]:
+    """A loopback HTTP server that answers every POST with `on_post(body)` (a status, empty
+    body), on a thread of its own; the server and its URL."""
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            status = on_post(self.rfile.read(int(self.headers["Content-Length"])))
+            self.send_response_only(status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    server = _Server(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}{path}"
+
+
 class CheapHub:
     def __init__(self):
         self.results = 0
@@ -97,33 +118,18 @@ class CheapHub:
         self.first_at: float | None = None
         self.last_at = 0.0
         self.lock = threading.Lock()
-        hub = self
+        self.server, self.url = serve_posts(self._take, "/v1/results")
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                n = body.count(MARK)
-                now = time.monotonic()
-                with hub.lock:
-                    hub.results += n
-                    hub.requests += 1
-                    if hub.first_at is None:
-                        hub.first_at = now
-                    hub.last_at = now
-                self.send_response_only(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-        self.server = _Server(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1/results"
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
-                                       daemon=True)
-        self.thread.start()
+    def _take(self, body: bytes) -> int:
+        n = body.count(MARK)
+        now = time.monotonic()
+        with self.lock:
+            self.results += n
+            self.requests += 1
+            if self.first_at is None:
+                self.first_at = now
+            self.last_at = now
+        return 200
 
     def close(self):
         self.server.shutdown()

@@ -25,8 +25,6 @@ is asserted.
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
 import json
 import os
 import shutil
@@ -40,22 +38,12 @@ from pathlib import Path
 
 import psutil
 
+from benchlib import load_module
+
 REPO = Path(__file__).resolve().parent.parent
 PLUGIN = REPO / "plugins" / "openscap" / "1.0.0" / "openscap"
 PLUGIN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 RESULT_TYPES = ("pass", "fail", "notapplicable", "notchecked", "error", "unknown", "notselected")
-
-
-def _plugin_module():
-    loader = importlib.machinery.SourceFileLoader("openscap_plugin", str(PLUGIN))
-    spec = importlib.util.spec_from_loader("openscap_plugin", loader)
-    module = importlib.util.module_from_spec(spec)
-    keep, sys.dont_write_bytecode = sys.dont_write_bytecode, True  # no __pycache__ in the plugin folder
-    try:
-        loader.exec_module(module)
-    finally:
-        sys.dont_write_bytecode = keep
-    return module
 
 
 def _env(scratch: str) -> dict:
@@ -127,7 +115,7 @@ def run(repeats: int = 3, log=print) -> dict:
         report["skipped"] = "oscap is not installed (apt-get install openscap-scanner; dnf install openscap-scanner)"
         log(f"  skipped: {report['skipped']}")
         return report
-    m = _plugin_module()
+    m = load_module(PLUGIN, "openscap_plugin")
     config = m.parse_config({}, {})
     try:
         datastream, how, os_text, _ = m.pick_datastream(config)

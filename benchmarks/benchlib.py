@@ -7,6 +7,8 @@ Mirrors tests/conftest.py: plugins and state live in a world-traversable folder 
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
 import json
 import os
 import shutil
@@ -565,3 +567,15 @@ class Ksm:
                 except psutil.Error:
                     return 0.0
         return 0.0
+
+
+def load_module(path: Path, name: str):
+    """A plugin file (no .py suffix) as a module, without writing __pycache__ beside it."""
+    loader = importlib.machinery.SourceFileLoader(name, str(path))
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(name, loader))
+    keep, sys.dont_write_bytecode = sys.dont_write_bytecode, True
+    try:
+        loader.exec_module(module)
+    finally:
+        sys.dont_write_bytecode = keep
+    return module

@@ -9,8 +9,6 @@ openscap-scanner and ssg-* are installed, and once through the real service.
 from __future__ import annotations
 
 import datetime
-import importlib.machinery
-import importlib.util
 import json
 import os
 import re
@@ -25,6 +23,9 @@ from pathlib import Path
 import pytest
 
 from conftest import IS_ROOT, spec
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from benchlib import load_module  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 PLUGIN_DIR = REPO / "plugins" / "openscap" / "1.0.0"
@@ -42,15 +43,7 @@ needs_oscap = pytest.mark.skipif(OSCAP is None, reason="oscap is not installed (
 
 def load_plugin_module():
     """The plugin as a module (its file has no .py suffix), for the XML reader's own tests."""
-    loader = importlib.machinery.SourceFileLoader("openscap_plugin", str(PLUGIN))
-    spec_ = importlib.util.spec_from_loader("openscap_plugin", loader)
-    module = importlib.util.module_from_spec(spec_)
-    keep, sys.dont_write_bytecode = sys.dont_write_bytecode, True  # no __pycache__ in the plugin folder
-    try:
-        loader.exec_module(module)
-    finally:
-        sys.dont_write_bytecode = keep
-    return module
+    return load_module(PLUGIN, "openscap_plugin")
 
 
 def run_plugin(config, scratch: Path, *, raw_stdin: bytes | None = None, path: str = PLUGIN_PATH,
