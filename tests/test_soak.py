@@ -5,7 +5,9 @@ every 25 s (started again at once, as systemd would) and the hub down 5 s in eve
 every result in the file sink reached the hub, no process of ours is left, every fault
 happened, and memory, fds and threads are flat. Flat here means within 15%, not the hour's
 5%: a minute is mostly warm-up, and each supervisor kill replaces every runner with a fresh
-one that has not yet run.
+one that has not yet run. The zygote's USS is not judged here: a new zygote comes with each
+supervisor every 25 s, and its USS counts the pages its runners no longer share, so it swings
+by 10-20% with the runner kills (1.55 to 1.95 MB seen); the hour's run judges it (+2.4%).
 """
 
 from __future__ import annotations
@@ -31,5 +33,6 @@ def test_mini_soak(tmp_path):
     print("\n".join(lines))
     assert report["results_in_file"] > 30 * SECONDS * 0.5, lines
     assert report["samples"] >= 25, lines
-    bad = soak.verdict(report, soak.expected_faults(SECONDS, PERIODS), flat_within=0.15)
+    bad = soak.verdict(report, soak.expected_faults(SECONDS, PERIODS), flat_within=0.15,
+                      not_judged=("zygote.uss_mb",))
     assert not bad, "\n".join(bad + lines)
