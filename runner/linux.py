@@ -133,12 +133,26 @@ def set_title(title: str) -> bool:
         return False
 
 
-def has_children() -> bool:
-    """Whether this single-threaded process has any child, zombies included (one open and
-    one read). True when /proc cannot tell, so that the caller looks the long way."""
+def open_children() -> int:
+    """An fd on this thread's /proc children list, for has_children (-1 when there is none).
+    It names the thread that opened it: a forked child opens its own."""
     try:
-        fd = os.open("/proc/thread-self/children", os.O_RDONLY | os.O_CLOEXEC)
+        return os.open("/proc/thread-self/children", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
+        return -1
+
+
+def has_children(fd: int = -1) -> bool:
+    """Whether this single-threaded process has any child, zombies included: one read of
+    `fd` (from open_children) or, without one, an open and a read. True when /proc cannot
+    tell, so that the caller looks the long way."""
+    if fd >= 0:
+        try:
+            return bool(os.pread(fd, 64, 0))
+        except OSError:
+            return True
+    fd = open_children()
+    if fd < 0:
         return True
     try:
         return bool(os.read(fd, 64))

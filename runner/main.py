@@ -27,7 +27,7 @@ from runner.selfpipe import SelfPipe
 from runner.plugin import PluginError, PluginResolver
 from runner.protocol import (OutputError, StdinTemplate, failure_reason, iso_time, new_uuid,
                              parse_assessment_output, parse_nagios_output)
-from runner.jobcgroup import JobCgroup
+from runner.jobcgroup import JobCgroup, RunCounters
 from runner.landlock import Confine
 from runner.sandbox import HELPER_FAILURE, PLUGIN_PATH, Sandbox, SpawnError, kill_group, sweep_orphans
 from runner.results import ResultLink
@@ -91,6 +91,8 @@ class Runner:
         }, cgroup=cfg.cgroup, cgroup_controllers=tuple(cfg.cgroup_controllers),
             confine=Confine(tuple(cfg.write_paths)) if cfg.confine else None, capabilities=tuple(cfg.capabilities))
         self.cgroup = JobCgroup(cfg.cgroup)
+        self.counters = RunCounters(cfg.cgroup)
+        self.children_fd = linux.open_children()
         self.stdin = StdinTemplate(cfg.job_json, cfg.config_json)
         self.nagios_args = self._nagios_args()
         self.poller = Poller()
@@ -343,11 +345,14 @@ class Runner:
         for fd in (run.out_fd, run.err_fd, run.pidfd):
             self.poller.forget(fd)
             os.close(fd)
-        # nothing the run started may outlive it: its group, then anything re-parented to us
+        # Nothing the run started may outlive it: its group, then anything else in its cgroup
+        # and re-parented to us. All of that descends from the plugin, and we are its
+        # subreaper, so with no child left the cgroup is empty (the usual case: one read).
         kill_group(run.pid, signal.SIGKILL)
-        self.cgroup.kill()
-        sweep_orphans()
-        oom_killed, pids_exhausted = self.cgroup.hits()
+        if linux.has_children(self.children_fd):
+            self.cgroup.kill()
+            sweep_orphans(self.children_fd)
+        oom_killed, pids_exhausted = self.counters.hits()
         end = time.time()
         if run.failure is None and status == 127 << 8 and run.stderr_tail.startswith(HELPER_FAILURE):
             detail = run.stderr_tail.decode(errors="replace").strip().removeprefix("ar-exec: ")

@@ -200,9 +200,10 @@ def kill_group(pgid: int, sig: int) -> None:
         pass
 
 
-def sweep_orphans() -> int:
-    """Kill and reap everything left behind (we are the child subreaper). Returns how many."""
-    if not linux.has_children():  # the usual case: one read of /proc, nothing to do
+def sweep_orphans(children_fd: int = -1) -> int:
+    """Kill and reap everything left behind (we are the child subreaper). Returns how many.
+    `children_fd`: from linux.open_children, to look without opening /proc each time."""
+    if not linux.has_children(children_fd):  # the usual case: one read of /proc, nothing to do
         return 0
     me = os.getpid()
     killed = 0
