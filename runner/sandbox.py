@@ -64,6 +64,9 @@ class Sandbox:
         self.confine_args = ("-", "-") if confine is None else (
             landlock.helper_arg(confine.write_paths, False), landlock.helper_arg(confine.write_paths, True))
         self.caps_arg = ",".join(str(cap) for cap in sorted(set(capabilities))) or "-"
+        self._made_for: str | None = None  # the cwd _env and _helper_argv were made for
+        self._env: dict[str, str] = {}
+        self._helper_argv: tuple[list[str], list[str]] = ([], [])
         if self.helper is None and (confine is not None or self.grant):
             landlock.abi()  # ctypes set up once here, not in each forked child
         self.rlimits: list[tuple[int, tuple[int, int]]] = [(resource.RLIMIT_CORE, (0, 0))]
@@ -83,13 +86,17 @@ class Sandbox:
         """Start the plugin. Returns (pid, pidfd, stdout_fd, stderr_fd); the read ends block
         (the runner reads them only when epoll finds them readable). `network`: whether this
         run may use TCP under confinement (its plugin.toml); None: as `confine` says."""
-        env = dict(self.env_base)
-        env.update(extra_env)
-        env["HOME"] = cwd
         if network is None:
             network = self.confine is not None and self.confine.network
+        if self._made_for != cwd:  # what does not change from run to run, made once
+            self._made_for = cwd
+            self._env = dict(self.env_base, HOME=cwd)
+            self._helper_argv = tuple([self.helper, *self.helper_args, cwd, confine, self.caps_arg, "--"]
+                                      for confine in self.confine_args)
+        env = self._env.copy()
+        env.update(extra_env)
         if self.helper is not None:
-            return self._spawn_helper(argv, cwd, stdin_fd, env, self.confine_args[network])
+            return self._spawn_helper(self._helper_argv[network] + argv, stdin_fd, env)
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         errpipe_r, errpipe_w = os.pipe2(os.O_CLOEXEC)
@@ -108,15 +115,15 @@ class Sandbox:
             raise SpawnError(failure.decode(errors="replace"))
         return pid, os.pidfd_open(pid), out_r, err_r
 
-    def _spawn_helper(self, argv: list[str], cwd: str, stdin_fd: int, env: dict[str, str],
-                      confine: str) -> tuple[int, int, int, int]:
+    def _spawn_helper(self, argv: list[str], stdin_fd: int, env: dict[str, str]) -> tuple[int, int, int, int]:
+        """`argv`: the helper's, then the plugin's (see ar_exec.c)."""
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         try:
             pid = os.posix_spawn(
-                self.helper, [self.helper, *self.helper_args, cwd, confine, self.caps_arg, "--", *argv], env,
-                file_actions=[(os.POSIX_SPAWN_DUP2, stdin_fd, 0), (os.POSIX_SPAWN_DUP2, out_w, 1),
-                              (os.POSIX_SPAWN_DUP2, err_w, 2)],
+                self.helper, argv, env,
+                file_actions=((os.POSIX_SPAWN_DUP2, stdin_fd, 0), (os.POSIX_SPAWN_DUP2, out_w, 1),
+                              (os.POSIX_SPAWN_DUP2, err_w, 2)),
                 setsid=True, setsigdef=_SPAWN_SIGDEF, setsigmask=())
         except OSError as e:
             for fd in (out_r, err_r):

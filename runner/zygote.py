@@ -105,6 +105,7 @@ def main() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the supervisor, which stops us
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     gc.collect()
+    runner.warmup.fill_free_blocks()  # last: anything allocated after it would free blocks again
     gc.freeze()
     while True:
         readable, _, _ = select.select([sock, wake_r], [], [])
