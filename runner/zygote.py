@@ -105,7 +105,10 @@ def main() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the supervisor, which stops us
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     gc.collect()
-    runner.warmup.fill_free_blocks()  # last: anything allocated after it would free blocks again
+    try:
+        runner.warmup.fill_free_blocks()  # last: what is allocated after it takes free blocks again
+    except Exception as e:  # noqa: BLE001 - an optimisation only, as the warm-up
+        print(f"zygote: filling free blocks failed (runners start anyway): {e}", file=sys.stderr)
     gc.freeze()
     while True:
         readable, _, _ = select.select([sock, wake_r], [], [])
