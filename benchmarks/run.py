@@ -40,6 +40,7 @@ import json
 import os
 import platform
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -53,6 +54,7 @@ if str(HERE) not in sys.path:
 import benchlib  # noqa: E402
 from benchlib import IS_ROOT, PYTHON, RUN_AS_USER, SH_PLUGIN, Area, Ksm, compile_c_plugin  # noqa: E402
 
+HEADLINE_REPEATS = 2  # per-run-sh-200 runs 1 + this many times (not with --quick)
 ALL = ("per-run", "spawn", "memory", "latency", "outbox", "confsync", "hub", "start", "sinks", "confine", "plugins")
 
 
@@ -111,6 +113,13 @@ def bench_per_run(area: Area, args, report: dict) -> None:
     confined = next((r for r in results if r.get("name") == top and "per_run_ms" in r), None)
     if confined is None:
         return
+    # the headline again: the sh plugin's own CPU (about 3 ms a run here) drifts by a few per
+    # cent between our window and the baseline's, which moves the extra by +-0.15 ms; the
+    # issue-9 table gives the median of these runs and their spread
+    for i in range(0 if args.quick else HEADLINE_REPEATS):
+        r = _variant(b, area, args, results, rates[-1], f"{top}-again{i + 1}", "the headline again")
+        if r is not None:
+            r["name"] = f"{top}-again{i + 1}"
     r = _variant(b, area, args, results, rates[-1], f"{top}-unconfined", "the same with confine = false", confine=False)
     if r is not None:
         extra = confined["overhead_beyond_spawn_wait_ms"] - r["overhead_beyond_spawn_wait_ms"]
@@ -384,8 +393,15 @@ def cost_table(report: dict) -> list[str]:
         run = runs.get(name)
         if not run:
             continue
+        again = [r for n, r in runs.items() if n.startswith(f"{name}-again")]
+        if again:  # the headline was repeated: its median run, and the spread
+            extras = sorted(r["overhead_beyond_spawn_wait_ms"] for r in [run] + again)
+            run = min([run] + again, key=lambda r: abs(r["overhead_beyond_spawn_wait_ms"] - statistics.median(extras)))
+            ours = f"{run['overhead_beyond_spawn_wait_ms']:.3f} ms (median of {len(extras)}: {extras[0]:.2f}-{extras[-1]:.2f})"
+        else:
+            ours = f"{run['overhead_beyond_spawn_wait_ms']:.3f} ms"
         base = run["baseline_per_run_ms"]["total"]
-        rows.append((f"extra CPU per run over the bare loop, {how}", f"{run['overhead_beyond_spawn_wait_ms']:.3f} ms",
+        rows.append((f"extra CPU per run over the bare loop, {how}", ours,
                      f"{base:.3f} ms/run", f"{run['ratio_total_vs_baseline']:.2f}x",
                      "<= 0.5 ms (aim 0.3)", run["overhead_beyond_spawn_wait_ms"] <= 0.5))
         m = run["memory_active"]
