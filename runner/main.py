@@ -25,7 +25,7 @@ from runner.log import Log
 from runner.poller import READ, Poller
 from runner.selfpipe import SelfPipe
 from runner.plugin import PluginError, PluginResolver
-from runner.protocol import (OutputError, StdinTemplate, failure_reason, iso_time, new_uuid,
+from runner.protocol import (OutputError, StdinFile, StdinTemplate, failure_reason, iso_time, new_uuid,
                              parse_assessment_output, parse_nagios_output)
 from runner.jobcgroup import JobCgroup, RunCounters
 from runner.landlock import Confine
@@ -93,7 +93,7 @@ class Runner:
         self.cgroup = JobCgroup(cfg.cgroup)
         self.counters = RunCounters(cfg.cgroup)
         self.children_fd = linux.open_children()
-        self.stdin = StdinTemplate(cfg.job_json, cfg.config_json)
+        self.stdin = StdinFile(StdinTemplate(cfg.job_json, cfg.config_json))
         self.nagios_args = self._nagios_args()
         self.poller = Poller()
         self.results = ResultLink(cfg.publisher_socket, MAX_FRAME + 2 * cfg.limits.output, self.poller)
@@ -139,6 +139,17 @@ class Runner:
         if self.results.unacked:
             self.log.warning("leaving with %d results the publisher did not acknowledge", len(self.results.unacked))
         return 0
+
+    def close(self) -> None:
+        """Every file the runner holds open between runs (for the zygote's warm-up, which
+        makes runners in its own process; a real runner simply exits)."""
+        self.results.close()
+        self.poller.close()
+        self.stdin.close()
+        self.counters.close()
+        if self.children_fd >= 0:
+            os.close(self.children_fd)
+            self.children_fd = -1
 
     def done(self) -> bool:
         """Stopping, no run, and every result acknowledged (or no more time to wait for it)."""
@@ -227,10 +238,11 @@ class Runner:
             self.poller.unregister(self.channel.rfd)
             self.stop("supervisor closed the pipe")
 
-    def on_stdout(self) -> None:
+    def on_stdout(self) -> int:
+        """Read the plugin's stdout once; how many bytes came."""
         run = self.run
         if run is None:
-            return
+            return 0
         chunk = self._chunk(run.out_fd)
         if chunk:
             run.stdout += chunk
@@ -240,16 +252,19 @@ class Runner:
                 self.poller.unregister(run.out_fd)
                 run.open_pipes.discard(run.out_fd)
                 self.end_run(f"output limit exceeded: more than {limit} bytes", signal.SIGKILL)
+        return len(chunk)
 
-    def on_stderr(self) -> None:
+    def on_stderr(self) -> int:
+        """Read the plugin's stderr once; how many bytes came."""
         run = self.run
         if run is None:
-            return
+            return 0
         chunk = self._chunk(run.err_fd)
         if chunk:
             run.stderr_tail += chunk
             if len(run.stderr_tail) > STDERR_TAIL:
                 del run.stderr_tail[:-STDERR_TAIL]
+        return len(chunk)
 
     def _chunk(self, fd: int) -> memoryview:
         """One read of a plugin pipe that epoll found readable (our read ends block: one
@@ -304,15 +319,10 @@ class Runner:
         argv = [plugin.path] + (self.nagios_args if run.protocol == "nagios" else [])
         try:
             scratch, empty = self.prepare_scratch()
-            stdin_fd = os.memfd_create("stdin", os.MFD_CLOEXEC)
-            try:
-                os.write(stdin_fd, self.stdin.render(run.uuid))
-                os.lseek(stdin_fd, 0, os.SEEK_SET)
-                before = time.time_ns()
-                run.pid, run.pidfd, run.out_fd, run.err_fd = self.sandbox.spawn(
-                    argv, scratch, stdin_fd, {"ASSESSMENT_RUN_UUID": run.uuid}, network=plugin.manifest.network)
-            finally:
-                os.close(stdin_fd)
+            stdin_fd = self.stdin.prepare(run.uuid)
+            before = time.time_ns()
+            run.pid, run.pidfd, run.out_fd, run.err_fd = self.sandbox.spawn(
+                argv, scratch, stdin_fd, {"ASSESSMENT_RUN_UUID": run.uuid}, network=plugin.manifest.network)
             # anything this plugin changes in scratch gets a later ctime than `empty` has
             self._clean_scratch = empty if before - empty[1] >= SCRATCH_TICK_NS else None
         except (SpawnError, OSError) as e:
@@ -337,14 +347,6 @@ class Runner:
     def finish_run(self) -> None:
         run = self.run
         _, status, rusage = os.wait4(run.pid, 0)
-        # what the plugin wrote and we have not read (a pipe still open elsewhere, by a child
-        # it left behind, is not waited for: that child is killed below)
-        for fd, reader in ((run.out_fd, self.on_stdout), (run.err_fd, self.on_stderr)):
-            while fd in run.open_pipes and select.select([fd], [], [], 0)[0]:
-                reader()
-        for fd in (run.out_fd, run.err_fd, run.pidfd):
-            self.poller.forget(fd)
-            os.close(fd)
         # Nothing the run started may outlive it: its group, then anything else in its cgroup
         # and re-parented to us. All of that descends from the plugin, and we are its
         # subreaper, so with no child left the cgroup is empty (the usual case: one read).
@@ -352,6 +354,15 @@ class Runner:
         if linux.has_children(self.children_fd):
             self.cgroup.kill()
             sweep_orphans(self.children_fd)
+        # Every writer of the pipes is gone now, so what they hold is all there will be, and
+        # a read that does not fill our buffer has emptied its pipe. Only after a full one is
+        # the pipe asked first (a writer passed to some other process must not block us).
+        for fd, reader in ((run.out_fd, self.on_stdout), (run.err_fd, self.on_stderr)):
+            while fd in run.open_pipes and reader() == READ_CHUNK and select.select([fd], [], [], 0)[0]:
+                pass
+        for fd in (run.out_fd, run.err_fd, run.pidfd):
+            self.poller.forget(fd)
+            os.close(fd)
         oom_killed, pids_exhausted = self.counters.hits()
         end = time.time()
         if run.failure is None and status == 127 << 8 and run.stderr_tail.startswith(HELPER_FAILURE):

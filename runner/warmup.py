@@ -87,8 +87,7 @@ def _one_round(frame: bytes, listener: socket.socket) -> None:
         os.read(from_r, 1 << 16)
     finally:
         if runner is not None:
-            runner.results.close()
-            runner.poller.close()
+            runner.close()
         if publisher is not None:
             publisher.close()
         for fd in (to_r, to_w, from_r, from_w):

@@ -27,3 +27,12 @@ def test_filling_takes_up_nearly_every_free_block():
     assert got["made"] >= got["before"], got
     # a few hundred are freed again by the filling itself (its own temporary objects)
     assert got["after"] <= got["before"] // 4, got
+
+
+def test_the_warm_up_leaves_no_file_open():
+    """Whatever the zygote leaves open, every runner inherits."""
+    probe = ("import os, runner.warmup as w; before = sorted(os.listdir('/proc/self/fd')); w.warm_up(3); "
+             "print(before == sorted(os.listdir('/proc/self/fd')))")
+    r = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "True", r.stdout
