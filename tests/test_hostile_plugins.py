@@ -715,3 +715,50 @@ def test_plugin_sees_no_service_environment_no_inherited_fds_and_its_own_session
     assert sid == pid, "the plugin is not the leader of its own session"
     assert seen["nnp"] == "1", "the plugin can gain privileges (no_new_privs is not set)"
     scene.check(hostile_runners={doc["uuid"]: runner})
+
+
+STDIN_TAMPER = """
+    #!/usr/bin/python3
+    import json, os, sys
+    raw = sys.stdin.buffer.read()
+    try:
+        doc = json.loads(raw)
+        intact = doc["run_uuid"] == os.environ["ASSESSMENT_RUN_UUID"] and doc["job"]["uuid"] == os.environ["ASSESSMENT_JOB_UUID"]
+    except Exception as e:
+        intact = False
+    seen = {"intact": "yes" if intact else "no: %r" % raw[:200]}
+    def attempt(name, how):
+        try:
+            how()
+            seen[name] = "allowed"
+        except OSError as e:
+            seen[name] = "denied"
+    attempt("write-fd0", lambda: os.pwrite(0, b"garbage", 0))
+    attempt("truncate-fd0", lambda: os.ftruncate(0, 1))
+    attempt("chmod-fd0", lambda: os.fchmod(0, 0o666))
+    attempt("reopen-for-writing", lambda: os.close(os.open("/proc/self/fd/0", os.O_WRONLY)))
+    attempt("reopen-and-grow", lambda: os.close(os.open("/proc/self/fd/0", os.O_WRONLY | os.O_APPEND)))
+    print(json.dumps({"status": "satisfied" if intact else "not-satisfied",
+                      "observations": [{"uuid": k, "description": v} for k, v in seen.items()]}))
+    """
+
+
+@pytest.mark.timeout(90)
+def test_a_plugin_cannot_change_what_the_next_run_reads_on_stdin(scene):
+    """Runners keep one stdin file per job, rewritten before each run: each run reads its own
+    document, whatever the run before tried to do to that file."""
+    make_plugin(scene.svc.plugins, "tamper", STDIN_TAMPER)
+    scene.start()
+    doc = hostile_spec("tamper", interval="1s")
+    scene.launch(doc)
+    runner = scene.runner_pid(doc)
+    results = [scene.result(doc, count=n) for n in (1, 2, 3)]
+    for result in results:
+        seen = {o["uuid"]: o["description"] for o in result["observations"]}
+        assert result["status"] == "satisfied" and seen["intact"] == "yes", seen
+        if IS_ROOT:  # a plugin of its own uid: nothing it tries is allowed
+            assert {k: v for k, v in seen.items() if k != "intact"} == {
+                "write-fd0": "denied", "truncate-fd0": "denied", "chmod-fd0": "denied",
+                "reopen-for-writing": "denied", "reopen-and-grow": "denied"}, seen
+    assert len({r["uuid"] for r in results}) == 3
+    scene.check(hostile_runners={doc["uuid"]: runner})
