@@ -31,18 +31,18 @@ OWN_ROLES = ("supervisor", "zygote", "publisher", "runner", "other")
 
 def run_variant(area: Area, kind: str, jobs: int, window: float, warmup: float,
                 c_binary: Path | None = None, log=print, confine: bool = True, ksm: bool = False,
-                name: str | None = None) -> dict:
+                label: str | None = None) -> dict:
     """One measurement: `jobs` jobs of the `kind` ("sh" or "c") plugin at 1 run/s each;
     `confine=False`: without Landlock (to show what confinement costs); `ksm`: with the
     host's KSM on (off otherwise), merging settled before the window, ksmd's CPU counted as ours;
-    `name`: the result's (and its folder's) name, when the same shape runs more than once."""
+    `label`: the result's (and its folder's) name, when the same shape runs more than once."""
     with Ksm(ksm) as k:
-        return _run_variant(area, kind, jobs, window, warmup, c_binary, log, confine, k, name)
+        return _run_variant(area, kind, jobs, window, warmup, c_binary, log, confine, k, label)
 
 
 def _run_variant(area: Area, kind: str, jobs: int, window: float, warmup: float,
-                 c_binary: Path | None, log, confine: bool, ksm: Ksm, name: str | None) -> dict:
-    name = name or f"per-run-{kind}-{jobs}" + ("" if confine else "-unconfined") + ("-ksm" if ksm.on else "")
+                 c_binary: Path | None, log, confine: bool, ksm: Ksm, label: str | None) -> dict:
+    name = label or f"per-run-{kind}-{jobs}" + ("" if confine else "-unconfined") + ("-ksm" if ksm.on else "")
     root = area.sub(name)
     svc = Service(root, jobs_config="" if confine else "confine = false\n")
     plugin = "trivial"

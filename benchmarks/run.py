@@ -118,7 +118,7 @@ def bench_per_run(area: Area, args, report: dict) -> None:
     # issue-9 table gives the median of these runs and their spread
     for i in range(0 if args.quick else HEADLINE_REPEATS):
         _variant(b, area, args, results, rates[-1], f"{top}-again{i + 1}", "the headline again",
-                 name=f"{top}-again{i + 1}")
+                 label=f"{top}-again{i + 1}")
     r = _variant(b, area, args, results, rates[-1], f"{top}-unconfined", "the same with confine = false", confine=False)
     if r is not None:
         extra = confined["overhead_beyond_spawn_wait_ms"] - r["overhead_beyond_spawn_wait_ms"]
