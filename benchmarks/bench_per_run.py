@@ -6,7 +6,8 @@ zygote, publisher, runners: psutil cpu_times user+system, excluding children) is
 the window's start and end; the plugins' CPU is what the runners reaped (children_user +
 children_system of each runner). Runs in the window are counted from the results file by
 their `start`. The baseline (spawn_baseline.py) runs the same plugin the same number of
-times at the same rate, in the same benchmark run.
+times at the same rate, in the same benchmark run: once before the service and once after, and
+the two are averaged (the host's own speed drifts by a few per cent within a minute).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from benchlib import (PYTHON, SH_PLUGIN, Area, BenchError, CpuAcct, Ksm, Results
 HERE = Path(__file__).resolve().parent
 YARDSTICKS_MS = {"Nagios Core 4": 0.51, "Icinga 2": 1.4}
 TARGET_RATIO = 1.3
+DURING_RATE = 20.0  # runs/s of the baseline loop run alongside the service, in its window
 OWN_ROLES = ("supervisor", "zygote", "publisher", "runner", "other")
 
 
@@ -56,8 +58,10 @@ def _run_variant(area: Area, kind: str, jobs: int, window: float, warmup: float,
     out: dict = {"name": name, "plugin": kind, "jobs": jobs, "interval_s": 1.0, "window_s": window,
                  "warmup_s": warmup, "nominal_rate": jobs / 1.0, "loadavg_before": os.getloadavg()[0],
                  "ksm": ksm.on and ksm.before is not None}
+    stdin_file = root / "stdin.json"
+    stdin_file.write_bytes(stdin_document(specs[0]))
+    before = _baseline(name, "before", entry, jobs / 1.0, round(jobs * window), stdin_file, log)
     acct = CpuAcct.create(f"service-{name}")
-    base_acct = CpuAcct.create(f"baseline-{name}")
     try:
         t_start = time.monotonic()
         svc.start(acct=acct)
@@ -79,7 +83,9 @@ def _run_variant(area: Area, kind: str, jobs: int, window: float, warmup: float,
         busy0 = system_busy()
         m_b, w_b = time.monotonic(), time.time()
         mono0, wall0 = (m_a + m_b) / 2, (w_a + w_b) / 2
+        during = BaselineLoop(name, "during", entry, DURING_RATE, round(DURING_RATE * window), stdin_file)
         time.sleep(max(0.0, window - (m_b - m_a)))
+        base_during = during.wait()
         procs1 = svc.tree()
         m_a, w_a = time.monotonic(), time.time()
         snap1 = cpu_snapshot(procs1)
@@ -153,41 +159,75 @@ def _run_variant(area: Area, kind: str, jobs: int, window: float, warmup: float,
         if acct is not None:
             acct.close()
 
-    # the baseline: the same plugin, the same number of runs, at the same rate
-    stdin_file = root / "stdin.json"
-    stdin_file.write_bytes(stdin_document(specs[0]))
+    # the baseline: the same plugin, the same number of runs, at the same rate, after the
+    # service; with the one before it (at the nominal rate), so that the host drifting
+    # between our window and the baseline's cancels out instead of landing in the figure
     rate = runs / elapsed
-    log(f"  [{name}] baseline: posix_spawn loop, {runs} runs at {rate:.1f}/s ...")
-    busy0 = system_busy()
-    argv = [PYTHON, str(HERE / "spawn_baseline.py"), str(entry), repr(rate), str(runs), str(stdin_file)]
-    if base_acct is not None:
-        argv = base_acct.wrap(argv + [base_acct.path])
-    try:
-        r = subprocess.run(argv, capture_output=True, text=True, timeout=runs / rate * 3 + 30)
-    finally:
-        if base_acct is not None:
-            base_acct.close()
-    busy1 = system_busy()
-    if r.returncode != 0:
-        raise BenchError(f"{name}: baseline failed: {r.stderr.strip()[-500:]}")
-    base = json.loads(r.stdout)
-    base["foreign_load_cores"] = round(
-        max(0.0, (busy1 - busy0) - base["own_cpu"] - base["children_cpu"]) / base["elapsed"], 2)
-    if base["failures"]:
-        raise BenchError(f"{name}: {base['failures']} baseline runs failed")
+    after = _baseline(name, "after", entry, rate, runs, stdin_file, log)
+    base = dict(after, before=before)
     out["baseline"] = base
-    b_own = 1000 * base["own_cpu"] / base["runs"]
-    b_kids = 1000 * base["children_cpu"] / base["runs"]
-    if base.get("acct_cpu") is not None:  # exact total; the loop's own part from rusage (microseconds)
-        b_kids = 1000 * base["acct_cpu"] / base["runs"] - b_own
+    own_d, kids_d = _per_run(base_during)
+    out["baseline_during_per_run_ms"] = {"loop_excl_plugin": round(own_d, 4), "plugin": round(kids_d, 4),
+                                         "total": round(own_d + kids_d, 4)}
+    (own_1, kids_1), (own_2, kids_2) = _per_run(before), _per_run(after)
+    b_own, b_kids = (own_1 + own_2) / 2, (kids_1 + kids_2) / 2
     out["baseline_per_run_ms"] = {"loop_excl_plugin": round(b_own, 4), "plugin": round(b_kids, 4),
-                                  "total": round(b_own + b_kids, 4)}
+                                  "total": round(b_own + b_kids, 4), "before": round(own_1 + kids_1, 4),
+                                  "after": round(own_2 + kids_2, 4)}
     ours = out["per_run_ms"]["runtime_total"]
     out["ratio_total_vs_baseline"] = round(ours / (b_own + b_kids), 3)
     out["overhead_beyond_spawn_wait_ms"] = round(ours - (b_own + b_kids), 4)
     out["plugin_cpu_ratio_vs_baseline"] = round(out["per_run_ms"]["plugin"] / b_kids, 3) if b_kids else None
     out["meets_target"] = out["ratio_total_vs_baseline"] <= TARGET_RATIO
     return out
+
+
+def _baseline(name: str, when: str, entry: Path, rate: float, runs: int, stdin_file: Path, log) -> dict:
+    """spawn_baseline.py's loop: `runs` runs of the plugin at `rate` per second, in a cpuacct
+    group of its own where there is one."""
+    log(f"  [{name}] baseline {when}: posix_spawn loop, {runs} runs at {rate:.1f}/s ...")
+    return BaselineLoop(name, when, entry, rate, runs, stdin_file).wait()
+
+
+class BaselineLoop:
+    """spawn_baseline.py started now, in a cpuacct group of its own where there is one."""
+
+    def __init__(self, name: str, when: str, entry: Path, rate: float, runs: int, stdin_file: Path):
+        self.name, self.rate, self.runs = name, rate, runs
+        self.acct = CpuAcct.create(f"baseline-{name}-{when}")
+        self.busy0 = system_busy()
+        argv = [PYTHON, str(HERE / "spawn_baseline.py"), str(entry), repr(rate), str(runs), str(stdin_file)]
+        if self.acct is not None:
+            argv = self.acct.wrap(argv + [self.acct.path])
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def wait(self) -> dict:
+        try:
+            stdout, stderr = self.proc.communicate(timeout=self.runs / self.rate * 3 + 30)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            if self.acct is not None:
+                self.acct.close()
+        busy1 = system_busy()
+        if self.proc.returncode != 0:
+            raise BenchError(f"{self.name}: baseline failed: {stderr.strip()[-500:]}")
+        base = json.loads(stdout)
+        base["foreign_load_cores"] = round(
+            max(0.0, (busy1 - self.busy0) - base["own_cpu"] - base["children_cpu"]) / base["elapsed"], 2)
+        if base["failures"]:
+            raise BenchError(f"{self.name}: {base['failures']} baseline runs failed")
+        return base
+
+
+def _per_run(base: dict) -> tuple[float, float]:
+    """(the loop's own ms, the plugin's ms) per run of one baseline."""
+    own = 1000 * base["own_cpu"] / base["runs"]
+    kids = 1000 * base["children_cpu"] / base["runs"]
+    if base.get("acct_cpu") is not None:  # exact total; the loop's own part from rusage (microseconds)
+        kids = 1000 * base["acct_cpu"] / base["runs"] - own
+    return own, kids
 
 
 def lateness_ms(results, interval: float) -> dict:
@@ -244,9 +284,13 @@ def format_variant(r: dict) -> list[str]:
         f"(baseline loop excl. plugin {b['loop_excl_plugin']:.3f} ms)",
         f"    plugin CPU/run      {pr['plugin']:.3f} ms   (baseline {b['plugin']:.3f} ms; "
         f"x{r['plugin_cpu_ratio_vs_baseline']} - includes the runner's fork child up to exec)",
-        f"    total CPU/run       {pr['runtime_total']:.3f} ms vs baseline {b['total']:.3f} ms  ->  "
+        f"    total CPU/run       {pr['runtime_total']:.3f} ms vs baseline {b['total']:.3f} ms "
+        f"(mean of {b['before']:.3f} before and {b['after']:.3f} after)  ->  "
         f"ratio {r['ratio_total_vs_baseline']:.2f}x (target <= {TARGET_RATIO}x: "
         f"{'met' if r['meets_target'] else 'NOT met'})",
+        f"    plugin drift check  a bare loop at {DURING_RATE:g} runs/s alongside the service, in its window: "
+        f"plugin {r['baseline_during_per_run_ms']['plugin']:.3f} ms/run (ours {pr['plugin']:.3f}; the "
+        f"baselines' {b['plugin']:.3f})",
         f"    overhead beyond spawn+wait: {r['overhead_beyond_spawn_wait_ms']:.3f} ms/run   "
         f"(yardsticks: " + ", ".join(f"{k} {v} ms" for k, v in YARDSTICKS_MS.items()) + ")",
         "    where the CPU goes (ms/run, share of the total): " + ", ".join(
