@@ -99,7 +99,10 @@ class StdinFile:
                 view = view[os.write(rw, view):]
             fcntl.fcntl(rw, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
             os.fchmod(rw, 0o400)
-            self._ro = os.open(f"/proc/self/fd/{rw}", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                self._ro = os.open(f"/proc/self/fd/{rw}", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:  # no /proc: the plugin gets our open file (still rewritten each run)
+                self._ro = os.dup(rw)
         except BaseException:
             os.close(rw)
             raise
