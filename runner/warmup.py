@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 
 import msgspec
@@ -120,20 +121,18 @@ _FILLERS: list = []
 
 def _free_blocks() -> dict[int, int]:
     """{block size: free blocks in pools in use}, from sys._debugmallocstats (printed on fd 2)."""
-    if not hasattr(os, "memfd_create"):
-        return {}
-    import sys
     fd = os.memfd_create("mallocstats", os.MFD_CLOEXEC)
-    saved = os.dup(2)
     try:
-        os.dup2(fd, 2)
-        sys._debugmallocstats()
+        saved = os.dup(2)
+        try:
+            os.dup2(fd, 2)
+            sys._debugmallocstats()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        text = os.pread(fd, os.lseek(fd, 0, os.SEEK_CUR), 0).decode(errors="replace")
     finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-    size = os.lseek(fd, 0, os.SEEK_CUR)
-    text = os.pread(fd, size, 0).decode(errors="replace")
-    os.close(fd)
+        os.close(fd)
     counts = {}
     for line in text.splitlines():
         parts = line.split()
