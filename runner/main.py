@@ -25,7 +25,7 @@ from runner.log import Log
 from runner.poller import READ, Poller
 from runner.selfpipe import SelfPipe
 from runner.plugin import PluginError, PluginResolver
-from runner.protocol import (OutputError, StdinFile, StdinTemplate, failure_reason, iso_time, new_uuid,
+from runner.protocol import (OutputError, StdinFile, failure_reason, iso_time, new_uuid,
                              parse_assessment_output, parse_nagios_output)
 from runner.jobcgroup import JobCgroup, RunCounters
 from runner.landlock import Confine
@@ -93,7 +93,7 @@ class Runner:
         self.cgroup = JobCgroup(cfg.cgroup)
         self.counters = RunCounters(cfg.cgroup)
         self.children_fd = linux.open_children()
-        self.stdin = StdinFile(StdinTemplate(cfg.job_json, cfg.config_json))
+        self.stdin = StdinFile(cfg.job_json, cfg.config_json)
         self.nagios_args = self._nagios_args()
         self.poller = Poller()
         self.results = ResultLink(cfg.publisher_socket, MAX_FRAME + 2 * cfg.limits.output, self.poller)

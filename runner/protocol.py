@@ -58,35 +58,28 @@ def new_uuid() -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
-class StdinTemplate:
-    """The stdin document is the same for every run but its run_uuid: build it once."""
+class StdinFile:
+    """The plugin's stdin: one memfd per runner, rewritten before each run (two system calls,
+    where a memfd per run costs four and an inode, a dentry and a file made and freed).
+
+    The document is the same for every run but its run_uuid, so it is built once around it.
+    Every run gets the same read-only open file, rewound. The document's length never changes
+    (a run uuid is always 36 characters), so the memfd's size is sealed; it is mode 0400, so a
+    plugin of another uid cannot open it for writing through /proc; and each run rewrites all
+    of it, so nothing one run could change reaches the next."""
 
     def __init__(self, job_json: bytes, config_json: bytes):
         self._head = b'{"protocol":"assessment/1","run_uuid":"'
         self._tail = b'","job":' + job_json + b',"config":' + config_json + b"}"
+        self._rw = self._ro = -1
+        self._size = -1
 
     def render(self, run_uuid: str) -> bytes:
         return self._head + run_uuid.encode() + self._tail
 
-
-class StdinFile:
-    """The plugin's stdin: one memfd per runner, holding the rendered template, rewritten
-    before each run (two system calls, where a memfd per run costs four and an inode, a
-    dentry and a file made and freed).
-
-    Every run gets the same read-only open file, rewound. The document's length never changes
-    (only the run uuid does, always 36 characters), so the memfd's size is sealed; it is mode
-    0400, so a plugin of another uid cannot open it for writing through /proc; and each run
-    rewrites all of it, so nothing one run could change reaches the next."""
-
-    def __init__(self, template: StdinTemplate):
-        self.template = template
-        self._rw = self._ro = -1
-        self._size = -1
-
     def prepare(self, run_uuid: str) -> int:
         """The fd to give the plugin as its stdin, holding this run's document."""
-        doc = self.template.render(run_uuid)
+        doc = self.render(run_uuid)
         if self._rw >= 0 and len(doc) == self._size:
             os.pwrite(self._rw, doc, 0)  # never short: the pages are there and the size is fixed
             os.lseek(self._ro, 0, os.SEEK_SET)
