@@ -142,24 +142,16 @@ def open_children() -> int:
         return -1
 
 
-def has_children(fd: int = -1) -> bool:
+def has_children(fd: int) -> bool:
     """Whether this single-threaded process has any child, zombies included: one read of
-    `fd` (from open_children) or, without one, an open and a read. True when /proc cannot
-    tell, so that the caller looks the long way."""
-    if fd >= 0:
-        try:
-            return bool(os.pread(fd, 64, 0))
-        except OSError:
-            return True
-    fd = open_children()
+    `fd` (from open_children). True when /proc cannot tell (no fd, or the read fails), so
+    that the caller looks the long way."""
     if fd < 0:
         return True
     try:
-        return bool(os.read(fd, 64))
+        return bool(os.pread(fd, 64, 0))
     except OSError:
         return True
-    finally:
-        os.close(fd)
 
 
 def children_of(pid: int) -> list[int]:

@@ -353,7 +353,7 @@ class Runner:
         kill_group(run.pid, signal.SIGKILL)
         if linux.has_children(self.children_fd):
             self.cgroup.kill()
-            sweep_orphans(self.children_fd)
+            sweep_orphans()
         # Every writer of the pipes is gone now, so what they hold is all there will be, and
         # a read that does not fill our buffer has emptied its pipe. Only after a full one is
         # the pipe asked first (a writer passed to some other process must not block us).

@@ -207,11 +207,9 @@ def kill_group(pgid: int, sig: int) -> None:
         pass
 
 
-def sweep_orphans(children_fd: int = -1) -> int:
-    """Kill and reap everything left behind (we are the child subreaper). Returns how many.
-    `children_fd`: from linux.open_children, to look without opening /proc each time."""
-    if not linux.has_children(children_fd):  # the usual case: one read of /proc, nothing to do
-        return 0
+def sweep_orphans() -> int:
+    """Kill and reap everything left behind (we are the child subreaper), once
+    linux.has_children says something is. Returns how many."""
     me = os.getpid()
     killed = 0
     for _ in range(50):  # killing one may re-parent its own children to us; go round again
