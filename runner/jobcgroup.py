@@ -1,4 +1,4 @@
-"""A job's cgroup as its runner sees it: what a run hit, and ending everything in it.
+"""A job's cgroup as its runner sees it: what a run hit, its threads, and ending everything in it.
 
 `cgroup` is the job's cgroup v2 folder, or its folders joined by ':' (v1: the memory and
 pids hierarchies; a hybrid host: the v2 folder first). Both versions count an OOM kill as
@@ -27,6 +27,8 @@ class JobCgroup:
         # listing one folder's cgroup.procs is enough
         self.kill_file = next((k for k in kill_files if os.path.exists(k)), None)
         self.procs_folder = folders[0] if folders and self.kill_file is None else None
+        # every thread in it: v2 cgroup.threads, v1 tasks (the first folder has one of them)
+        self.threads_files = [os.path.join(folders[0], name) for name in ("cgroup.threads", "tasks") if folders]
 
     def kill(self) -> None:
         """SIGKILL everything in the job's cgroup."""
@@ -38,6 +40,18 @@ class JobCgroup:
                 pass
         elif self.procs_folder is not None:
             kill_cgroup_procs(self.procs_folder)
+
+    def threads(self) -> list[int]:
+        """The thread ids in the job's cgroup ([] without one)."""
+        for path in self.threads_files:
+            try:
+                with open(path, "rb") as f:
+                    return [int(x) for x in f.read().split()]
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError):
+                return []
+        return []
 
 
 class RunCounters:

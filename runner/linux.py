@@ -133,6 +133,32 @@ def set_title(title: str) -> bool:
         return False
 
 
+def stay_on_one_cpu(key: str) -> frozenset[int] | None:
+    """Keep this process (and what it starts) on one of the CPUs it may use, chosen by `key`
+    (stable across restarts, spread across jobs). Returns the CPUs it could use
+    before, for a long run to have back; None when that is one CPU, or it cannot be set.
+
+    Why: a run's processes then start, run and wake their runner on one warm CPU. Left to
+    the scheduler, a fork or an exec is often placed on another, idle CPU, and waking that
+    one (a VM exit on a virtual machine) and running there cold cost about 0.15 ms a run."""
+    try:
+        cpus = frozenset(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            return None
+        os.sched_setaffinity(0, {pick_cpu(key, cpus)})
+    except OSError:
+        return None
+    return cpus
+
+
+def pick_cpu(key: str, cpus: frozenset[int]) -> int:
+    """One of `cpus`, the same for the same key (FNV-1a of it)."""
+    h = 2166136261
+    for b in key.encode():
+        h = ((h ^ b) * 16777619) & 0xFFFFFFFF
+    return sorted(cpus)[h % len(cpus)]
+
+
 def open_children() -> int:
     """An fd on this thread's /proc children list, for has_children (-1 when there is none).
     It names the thread that opened it: a forked child opens its own."""

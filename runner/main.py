@@ -78,9 +78,10 @@ class Run:
 
 
 class Runner:
-    def __init__(self, channel: Channel, cfg: RunnerConfig):
+    def __init__(self, channel: Channel, cfg: RunnerConfig, cpus: frozenset[int] | None = None):
         self.channel = channel
         self.cfg = cfg
+        self.cpus = cpus  # what a long run may use (the runner stays on one of them), or None
         self.log = Log(f"runner {cfg.job_uuid}", cfg.log_format, cfg.log_level)
         allowed = frozenset({0, os.getuid()})
         self.resolver = PluginResolver(cfg.plugin_dirs, cfg.plugin.name, cfg.plugin.version, allowed,
@@ -172,6 +173,7 @@ class Runner:
                 run.kill_at = math.inf
             if now >= run.watch_pipes_at:
                 run.watch_pipes_at = math.inf
+                self.release_cpus(run)
                 for fd, reader in ((run.out_fd, self.on_stdout), (run.err_fd, self.on_stderr)):
                     if fd in run.open_pipes:
                         self.poller.register(fd, READ, reader)
@@ -333,6 +335,18 @@ class Runner:
         run.open_pipes = {run.out_fd, run.err_fd}
         run.watch_pipes_at = now + PIPE_WATCH_DELAY
         self.poller.register(run.pidfd, READ, self.on_plugin_exit)
+
+    def release_cpus(self, run: Run) -> None:
+        """A run still going after PIPE_WATCH_DELAY is no quick check: every thread of it
+        may now use all the CPUs the runner could (it started on the runner's one). Threads
+        started later inherit that."""
+        if self.cpus is None:
+            return
+        for tid in self.cgroup.threads() or (run.pid,):
+            try:
+                os.sched_setaffinity(tid, self.cpus)
+            except OSError:  # gone already, or not ours to change (no CAP_SYS_NICE)
+                pass
 
     def end_run(self, reason: str, sig: int = signal.SIGTERM) -> None:
         """End the run ourselves: signal its process group, SIGKILL after the grace."""
@@ -541,7 +555,7 @@ def serve(rfd: int, wfd: int) -> int:
     cfg = frames[0]
     linux.set_process_name("ar-runner")
     linux.set_title(f"assessment-runtime: runner {cfg.job_uuid} {cfg.plugin.name}@{cfg.plugin.version}")
-    runner = Runner(channel, cfg)
+    runner = Runner(channel, cfg, linux.stay_on_one_cpu(cfg.job_uuid))
     for frame in frames[1:]:
         if isinstance(frame, RunNow):
             runner.run_now = True
