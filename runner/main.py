@@ -82,6 +82,7 @@ class Runner:
         self.channel = channel
         self.cfg = cfg
         self.cpus = cpus  # what a long run may use (the runner stays on one of them), or None
+        self.parent = os.getppid()  # the zygote
         self.log = Log(f"runner {cfg.job_uuid}", cfg.log_format, cfg.log_level)
         allowed = frozenset({0, os.getuid()})
         self.resolver = PluginResolver(cfg.plugin_dirs, cfg.plugin.name, cfg.plugin.version, allowed,
@@ -339,14 +340,29 @@ class Runner:
     def release_cpus(self, run: Run) -> None:
         """A run still going after PIPE_WATCH_DELAY is no quick check: every thread of it
         may now use all the CPUs the runner could (it started on the runner's one). Threads
-        started later inherit that."""
+        started later inherit that.
+
+        Changing the affinity of another uid's threads takes CAP_SYS_NICE, which the unit
+        does not give us; the kernel also lets a caller whose effective uid is the target's.
+        So the runner takes the run's uid as its effective one for these calls only: its real
+        and saved uids stay root, so nothing of that uid can signal or trace it meanwhile.
+        That credential change clears the parent-death signal: it is set again."""
         if self.cpus is None:
             return
-        for tid in self.cgroup.threads() or (run.pid,):
-            try:
-                os.sched_setaffinity(tid, self.cpus)
-            except OSError:  # gone already, or not ours to change (no CAP_SYS_NICE)
-                pass
+        uid = self.cfg.run_as[0] if self.cfg.run_as is not None else os.geteuid()
+        borrow = uid != os.geteuid()
+        if borrow:
+            os.seteuid(uid)
+        try:
+            for tid in self.cgroup.threads() or (run.pid,):
+                try:
+                    os.sched_setaffinity(tid, self.cpus)
+                except OSError:  # gone already
+                    pass
+        finally:
+            if borrow:
+                os.seteuid(0)
+                linux.die_with_parent(self.parent)
 
     def end_run(self, reason: str, sig: int = signal.SIGTERM) -> None:
         """End the run ourselves: signal its process group, SIGKILL after the grace."""

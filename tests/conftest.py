@@ -142,8 +142,9 @@ class RunningService:
 
     # -- processes -----------------------------------------------------------------------
 
-    def start(self, env: dict[str, str | None] | None = None) -> "RunningService":
-        """Start the service; `env` adds to (or, with None values, removes from) our environment."""
+    def start(self, env: dict[str, str | None] | None = None, prefix: list[str] = ()) -> "RunningService":
+        """Start the service; `env` adds to (or, with None values, removes from) our environment;
+        `prefix`: a command that execs the rest (setpriv, say)."""
         self.grant_marks()
         self._logf = open(self.log, "ab")
         child_env = None
@@ -151,7 +152,7 @@ class RunningService:
             child_env = {**os.environ, **{k: v for k, v in env.items() if v is not None}}
             for k in [k for k, v in env.items() if v is None]:
                 child_env.pop(k, None)
-        self.proc = subprocess.Popen([sys.executable, "-m", "supervisor", "run", "--config", str(self.config)],
+        self.proc = subprocess.Popen([*prefix, sys.executable, "-m", "supervisor", "run", "--config", str(self.config)],
                                      stdout=self._logf, stderr=subprocess.STDOUT, cwd=REPO, env=child_env)
         wait_for(lambda: self.proc.poll() is not None or self.try_status() is not None, 20,
                  what="the control socket")

@@ -4,8 +4,11 @@ after 50 ms gets back every CPU the service may use, for every thread it has."""
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 from collections import Counter
 
+import psutil
 import pytest
 
 from conftest import make_plugin, spec, wait_for
@@ -41,7 +44,10 @@ def test_a_quick_run_stays_on_its_runners_cpu_and_a_long_one_gets_every_cpu_back
     quick, long = spec(plugin="quick"), spec(plugin="long")
     svc.write_spec("quick.json", quick)
     svc.write_spec("long.json", long)
-    svc.start()
+    # as the packaged unit runs it: root without CAP_SYS_NICE (its bounding set lacks it)
+    root = os.geteuid() == 0 and shutil.which("setpriv")
+    without_nice = ["setpriv", "--bounding-set=-sys_nice", "--"] if root else []
+    svc.start(prefix=without_nice)
 
     result = svc.wait_result(quick["uuid"])[0]
     runner = wait_for(lambda: svc.job(quick["uuid"])["pid"], what="the quick job's runner")
@@ -56,6 +62,22 @@ def test_a_quick_run_stays_on_its_runners_cpu_and_a_long_one_gets_every_cpu_back
         assert cpu_list(child) == ours
     runner = svc.job(long["uuid"])["pid"]
     assert len(os.sched_getaffinity(runner)) == 1
+    if without_nice:
+        with open(f"/proc/{runner}/status") as f:
+            caps = dict(line.split(":\t", 1) for line in f if line.startswith("Cap"))
+        assert not int(caps["CapEff"], 16) & (1 << 23), caps  # CAP_SYS_NICE
+        assert int(caps["CapEff"], 16) & (1 << 7)  # CAP_SETUID: still root, as in the unit
+        with open(f"/proc/{runner}/status") as f:
+            assert [line.split()[1:4] for line in f if line.startswith("Uid:")] == [["0", "0", "0"]]
+    # borrowing the run's uid cleared the runner's parent-death signal: it was set again (the
+    # supervisor is stopped meanwhile, or it would kill the zygote's runners itself)
+    os.kill(svc.proc.pid, signal.SIGSTOP)
+    try:
+        os.kill(psutil.Process(runner).ppid(), signal.SIGKILL)  # the zygote
+        wait_for(lambda: not psutil.pid_exists(runner) or psutil.Process(runner).status() == psutil.STATUS_ZOMBIE,
+                 10, what="the runner to die with its zygote")
+    finally:
+        os.kill(svc.proc.pid, signal.SIGCONT)
 
 
 def test_runners_spread_over_the_cpus_and_keep_theirs():
