@@ -266,19 +266,20 @@ class ConfigClient:
         length = resp.headers.get("Content-Length")
         if length is not None and length.strip().isdigit() and int(length) > MAX_BODY:
             return f"answer too large: Content-Length {int(length)} is over the limit of {MAX_BODY} bytes"
-        chunks: list[bytes] = []
-        total = 0
+        # One growing buffer: once large it is a mapping of its own, given back whole when it
+        # is dropped. A list of CHUNK-sized pieces filled malloc's heap instead, and after a
+        # refused answer the supervisor could keep those 64 MiB for good.
+        body = bytearray()
         read = getattr(resp, "read1", resp.read)  # read1: what has arrived, so the deadline is checked
         while True:
             chunk = read(CHUNK)
             if not chunk:
-                return b"".join(chunks)
-            total += len(chunk)
-            if total > MAX_BODY:
+                return bytes(body)
+            if len(body) + len(chunk) > MAX_BODY:
                 return f"answer too large: more than {MAX_BODY} bytes"
             if time.monotonic() > deadline:
                 return f"timeout: the answer took longer than {self.total_timeout:g}s"
-            chunks.append(chunk)
+            body += chunk
 
     def _describe(self, e: Exception) -> str:
         t = float(self.settings.timeout)
