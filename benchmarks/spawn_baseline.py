@@ -7,7 +7,8 @@ Run as its own process so nothing else is in its rusage:
     python benchmarks/spawn_baseline.py PLUGIN RATE COUNT STDIN_FILE [CPUACCT_DIR]   -> one JSON line
 
 With CPUACCT_DIR (a cgroup v1 cpuacct folder this process runs in), "acct_cpu" is the exact
-CPU time of the loop and its children (ns precision) over the same span.
+CPU time of the loop and its children (ns precision) over the same span. With BASELINE_ONE_CPU=1
+in the environment the loop, and so its plugins, keep to one CPU (as the service's runners do).
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ def spawn_loop(plugin: str, rate: float, count: int, stdin: bytes, acct: str | N
 
 def main(argv: list[str]) -> int:
     plugin, rate, count, stdin_file, *acct = argv
+    if os.environ.get("BASELINE_ONE_CPU") == "1":
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     with open(stdin_file, "rb") as f:
         stdin = f.read()
     print(json.dumps(spawn_loop(plugin, float(rate), int(count), stdin, acct[0] if acct else None)))
