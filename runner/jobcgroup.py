@@ -27,8 +27,6 @@ class JobCgroup:
         # listing one folder's cgroup.procs is enough
         self.kill_file = next((k for k in kill_files if os.path.exists(k)), None)
         self.procs_folder = folders[0] if folders and self.kill_file is None else None
-        # every thread in it: v2 cgroup.threads, v1 tasks (the first folder has one of them)
-        self.threads_files = [os.path.join(folders[0], name) for name in ("cgroup.threads", "tasks") if folders]
 
     def kill(self) -> None:
         """SIGKILL everything in the job's cgroup."""
@@ -42,10 +40,12 @@ class JobCgroup:
             kill_cgroup_procs(self.procs_folder)
 
     def threads(self) -> list[int]:
-        """The thread ids in the job's cgroup ([] without one)."""
-        for path in self.threads_files:
+        """The thread ids in the job's cgroup ([] without one): v2 cgroup.threads, v1 tasks.
+        (Paths made here, not kept: only a run of over 50 ms asks, and a runner keeps little.)"""
+        folder = self.procs_folder or (os.path.dirname(self.kill_file) if self.kill_file else None)
+        for name in ("cgroup.threads", "tasks") if folder else ():
             try:
-                with open(path, "rb") as f:
+                with open(os.path.join(folder, name), "rb") as f:
                     return [int(x) for x in f.read().split()]
             except FileNotFoundError:
                 continue

@@ -133,25 +133,23 @@ def set_title(title: str) -> bool:
         return False
 
 
-def stay_on_one_cpu(key: str) -> frozenset[int] | None:
-    """Keep this process (and what it starts) on one of the CPUs it may use, chosen by `key`
-    (stable across restarts, spread across jobs). Returns the CPUs it could use
-    before, for a long run to have back; None when that is one CPU, or it cannot be set.
+def place_on_one_cpu(pid: int, key: str) -> None:
+    """Keep process `pid` (a runner, and what it starts) on one of the CPUs we may use,
+    chosen by `key` (stable across restarts, spread across jobs). Done by the zygote after
+    forking, so that the runner itself allocates nothing for it.
 
     Why: a run's processes then start, run and wake their runner on one warm CPU. Left to
     the scheduler, a fork or an exec is often placed on another, idle CPU, and waking that
     one (a VM exit on a virtual machine) and running there cold cost about 0.15 ms a run."""
     try:
-        cpus = frozenset(os.sched_getaffinity(0))
-        if len(cpus) < 2:
-            return None
-        os.sched_setaffinity(0, {pick_cpu(key, cpus)})
+        cpus = os.sched_getaffinity(0)
+        if len(cpus) > 1:
+            os.sched_setaffinity(pid, {pick_cpu(key, cpus)})
     except OSError:
-        return None
-    return cpus
+        pass
 
 
-def pick_cpu(key: str, cpus: frozenset[int]) -> int:
+def pick_cpu(key: str, cpus: set[int] | frozenset[int]) -> int:
     """One of `cpus`, the same for the same key (FNV-1a of it)."""
     h = 2166136261
     for b in key.encode():

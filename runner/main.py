@@ -78,11 +78,9 @@ class Run:
 
 
 class Runner:
-    def __init__(self, channel: Channel, cfg: RunnerConfig, cpus: frozenset[int] | None = None):
+    def __init__(self, channel: Channel, cfg: RunnerConfig):
         self.channel = channel
         self.cfg = cfg
-        self.cpus = cpus  # what a long run may use (the runner stays on one of them), or None
-        self.parent = os.getppid()  # the zygote
         self.log = Log(f"runner {cfg.job_uuid}", cfg.log_format, cfg.log_level)
         allowed = frozenset({0, os.getuid()})
         self.resolver = PluginResolver(cfg.plugin_dirs, cfg.plugin.name, cfg.plugin.version, allowed,
@@ -174,7 +172,7 @@ class Runner:
                 run.kill_at = math.inf
             if now >= run.watch_pipes_at:
                 run.watch_pipes_at = math.inf
-                self.release_cpus(run)
+                self.sandbox.release([run.pid, *self.cgroup.threads()])  # no quick check: every CPU
                 for fd, reader in ((run.out_fd, self.on_stdout), (run.err_fd, self.on_stderr)):
                     if fd in run.open_pipes:
                         self.poller.register(fd, READ, reader)
@@ -336,33 +334,6 @@ class Runner:
         run.open_pipes = {run.out_fd, run.err_fd}
         run.watch_pipes_at = now + PIPE_WATCH_DELAY
         self.poller.register(run.pidfd, READ, self.on_plugin_exit)
-
-    def release_cpus(self, run: Run) -> None:
-        """A run still going after PIPE_WATCH_DELAY is no quick check: every thread of it
-        may now use all the CPUs the runner could (it started on the runner's one). Threads
-        started later inherit that.
-
-        Changing the affinity of another uid's threads takes CAP_SYS_NICE, which the unit
-        does not give us; the kernel also lets a caller whose effective uid is the target's.
-        So the runner takes the run's uid as its effective one for these calls only: its real
-        and saved uids stay root, so nothing of that uid can signal or trace it meanwhile.
-        That credential change clears the parent-death signal: it is set again."""
-        if self.cpus is None:
-            return
-        uid = self.cfg.run_as[0] if self.cfg.run_as is not None else os.geteuid()
-        borrow = uid != os.geteuid()
-        if borrow:
-            os.seteuid(uid)
-        try:
-            for tid in self.cgroup.threads() or (run.pid,):
-                try:
-                    os.sched_setaffinity(tid, self.cpus)
-                except OSError:  # gone already
-                    pass
-        finally:
-            if borrow:
-                os.seteuid(0)
-                linux.die_with_parent(self.parent)
 
     def end_run(self, reason: str, sig: int = signal.SIGTERM) -> None:
         """End the run ourselves: signal its process group, SIGKILL after the grace."""
@@ -571,7 +542,7 @@ def serve(rfd: int, wfd: int) -> int:
     cfg = frames[0]
     linux.set_process_name("ar-runner")
     linux.set_title(f"assessment-runtime: runner {cfg.job_uuid} {cfg.plugin.name}@{cfg.plugin.version}")
-    runner = Runner(channel, cfg, linux.stay_on_one_cpu(cfg.job_uuid))
+    runner = Runner(channel, cfg)
     for frame in frames[1:]:
         if isinstance(frame, RunNow):
             runner.run_now = True

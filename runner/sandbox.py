@@ -43,6 +43,7 @@ class Sandbox:
                  helper: str | None = HELPER, cgroup: str | None = None, cgroup_controllers: tuple[str, ...] = (),
                  *, confine: Confine | None = None, capabilities: tuple[int, ...] = ()):
         self.run_as = run_as
+        self.parent = os.getppid()  # the runner's: the zygote (see release)
         self.cgroup = cgroup
         self.confine = confine
         if any(not 0 <= cap < 64 for cap in capabilities):
@@ -114,6 +115,36 @@ class Sandbox:
             os.close(err_r)
             raise SpawnError(failure.decode(errors="replace"))
         return pid, os.pidfd_open(pid), out_r, err_r
+
+    def release(self, tids: list[int]) -> None:
+        """Let these threads of a run use every CPU the zygote may (the runner keeps to one,
+        and a run starts there: linux.place_on_one_cpu); threads started later inherit it.
+
+        Changing the affinity of another uid's threads takes CAP_SYS_NICE, which the unit
+        does not give us; the kernel also lets a caller whose effective uid is the target's.
+        So we take the run's uid as our effective one for these calls only: our real and
+        saved uids stay root, so nothing of that uid can signal or trace us meanwhile. That
+        credential change clears our parent-death signal: it is set again."""
+        try:
+            cpus = os.sched_getaffinity(self.parent)
+            if cpus == os.sched_getaffinity(0):
+                return  # not placed on one CPU: nothing to let go
+        except OSError:
+            return
+        uid = self.run_as[0] if self.run_as is not None else os.geteuid()
+        borrow = uid != os.geteuid()
+        if borrow:
+            os.seteuid(uid)
+        try:
+            for tid in tids:
+                try:
+                    os.sched_setaffinity(tid, cpus)
+                except OSError:  # gone already
+                    pass
+        finally:
+            if borrow:
+                os.seteuid(0)
+                linux.die_with_parent(self.parent)
 
     def _spawn_helper(self, argv: list[str], stdin_fd: int, env: dict[str, str]) -> tuple[int, int, int, int]:
         """`argv`: the helper's, then the plugin's (see ar_exec.c)."""

@@ -76,6 +76,7 @@ def spawn_runners(sock: socket.socket, private: list[socket.socket], batch: list
         os.close(wfd)
         pids.append(pid)
     for (request, _), pid in zip(batch, pids):
+        linux.place_on_one_cpu(pid, request.job_uuid)
         sock.send(_encode(Spawned(job_uuid=request.job_uuid, pid=pid)))
 
 
