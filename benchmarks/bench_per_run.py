@@ -166,9 +166,7 @@ def _run_variant(area: Area, kind: str, jobs: int, window: float, warmup: float,
     after = _baseline(name, "after", entry, rate, runs, stdin_file, log)
     base = dict(after, before=before)
     out["baseline"] = base
-    own_d, kids_d = _per_run(base_during)
-    out["baseline_during_per_run_ms"] = {"loop_excl_plugin": round(own_d, 4), "plugin": round(kids_d, 4),
-                                         "total": round(own_d + kids_d, 4)}
+    out["baseline_during_per_run_ms"] = _per_run_ms(base_during)
     (own_1, kids_1), (own_2, kids_2) = _per_run(before), _per_run(after)
     b_own, b_kids = (own_1 + own_2) / 2, (kids_1 + kids_2) / 2
     out["baseline_per_run_ms"] = {"loop_excl_plugin": round(b_own, 4), "plugin": round(b_kids, 4),
@@ -182,18 +180,17 @@ def _run_variant(area: Area, kind: str, jobs: int, window: float, warmup: float,
     if kind == "sh" and jobs >= 200:
         # Our runners keep to one CPU each, and a quick run with its runner (README: Sandbox).
         # The same placement makes a bare loop's plugins cheaper too: shown, not subtracted.
-        log(f"  [{name}] baseline on one CPU: posix_spawn loop, {runs} runs at {rate:.1f}/s ...")
-        own_p, kids_p = _per_run(BaselineLoop(name, "one-cpu", entry, rate, runs, stdin_file, one_cpu=True).wait())
-        out["baseline_one_cpu_per_run_ms"] = {"loop_excl_plugin": round(own_p, 4), "plugin": round(kids_p, 4),
-                                              "total": round(own_p + kids_p, 4)}
+        out["baseline_one_cpu_per_run_ms"] = _per_run_ms(
+            _baseline(name, "on one CPU", entry, rate, runs, stdin_file, log, one_cpu=True))
     return out
 
 
-def _baseline(name: str, when: str, entry: Path, rate: float, runs: int, stdin_file: Path, log) -> dict:
+def _baseline(name: str, when: str, entry: Path, rate: float, runs: int, stdin_file: Path, log,
+              one_cpu: bool = False) -> dict:
     """spawn_baseline.py's loop: `runs` runs of the plugin at `rate` per second, in a cpuacct
-    group of its own where there is one."""
+    group of its own where there is one; `one_cpu`: kept on one CPU."""
     log(f"  [{name}] baseline {when}: posix_spawn loop, {runs} runs at {rate:.1f}/s ...")
-    return BaselineLoop(name, when, entry, rate, runs, stdin_file).wait()
+    return BaselineLoop(name, when.replace(" ", "-"), entry, rate, runs, stdin_file, one_cpu).wait()
 
 
 class BaselineLoop:
@@ -228,6 +225,12 @@ class BaselineLoop:
         if base["failures"]:
             raise BenchError(f"{self.name}: {base['failures']} baseline runs failed")
         return base
+
+
+def _per_run_ms(base: dict) -> dict:
+    """One baseline's ms per run: the loop's own, the plugin's, and both."""
+    own, kids = _per_run(base)
+    return {"loop_excl_plugin": round(own, 4), "plugin": round(kids, 4), "total": round(own + kids, 4)}
 
 
 def _per_run(base: dict) -> tuple[float, float]:

@@ -175,7 +175,7 @@ class Runner:
                 run.kill_at = math.inf
             if now >= run.watch_pipes_at:
                 run.watch_pipes_at = math.inf
-                self.sandbox.release([run.pid, *self.cgroup.threads()])  # no quick check: every CPU
+                self.sandbox.release(self.cgroup.threads() or [run.pid])  # no quick check: every CPU
                 for fd, reader in ((run.out_fd, self.on_stdout), (run.err_fd, self.on_stderr)):
                     if fd in run.open_pipes:
                         self.poller.register(fd, READ, reader)
