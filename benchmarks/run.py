@@ -11,6 +11,8 @@ Benchmarks:
   per-run    CPU per plugin run (runtime's own processes, and the plugins) vs a bare
              posix_spawn+waitpid loop, for a /bin/sh plugin and a compiled C plugin, at
              100 and (if the machine keeps up) 200 runs/s
+  floor      the floor under a runner's CPU per run: stand-ins making a runner's per-run system
+             calls through ar-exec with the full sandbox, in C and in minimal Python (bench_floor.py)
   spawn      diagnostic: the runner's spawn path (fork of a Python process) vs posix_spawn
   memory     USS of idle runners vs a fresh Python interpreter
   latency    spec file change -> first result of the new revision, vs a fresh `python -c pass`
@@ -55,7 +57,7 @@ import benchlib  # noqa: E402
 from benchlib import IS_ROOT, PYTHON, RUN_AS_USER, SH_PLUGIN, Area, Ksm, compile_c_plugin  # noqa: E402
 
 HEADLINE_REPEATS = 2  # per-run-sh-200 runs 1 + this many times (not with --quick)
-ALL = ("per-run", "spawn", "memory", "latency", "outbox", "confsync", "hub", "start", "sinks", "confine", "plugins")
+ALL = ("per-run", "floor", "spawn", "memory", "latency", "outbox", "confsync", "hub", "start", "sinks", "confine", "plugins")
 
 
 def say(*lines: str) -> None:
@@ -146,8 +148,15 @@ def _variant(b, area: Area, args, results: list, jobs: int, name: str, what: str
     return r
 
 
+def bench_floor(area: Area, args, report: dict) -> None:
+    import bench_floor as b
+    measure(report, "floor", "1b. the floor under a runner: its per-run system calls in C and in minimal Python",
+            lambda: b.run(area, jobs=100 if args.quick else 200, window=args.window, warmup=args.warmup + 1, log=say),
+            b.format_result)
+
+
 def bench_spawn(area: Area, args, report: dict) -> None:
-    section("1b. diagnostic: the runner's spawn path vs posix_spawn (same process size)")
+    section("1c. diagnostic: the runner's spawn path vs posix_spawn (same process size)")
     c_binary, how = compile_c_plugin(area.path)
     scratch = area.sub("spawn-scratch")
     scratch.chmod(0o700)
@@ -409,9 +418,24 @@ def cost_table(report: dict) -> list[str]:
             rows.append((f"  the same over a bare loop kept on one CPU, {how}", f"{extra:.3f} ms",
                          f"{pinned['total']:.3f} ms/run", f"{run['per_run_ms']['runtime_total'] / pinned['total']:.2f}x",
                          "(for comparison)", extra <= 0.5))
+        floor = report.get("floor") or {}
+        if how == "KSM off" and "runner_ms_per_run" in floor.get("c", {}):
+            # what a runner alone costs per run, against stand-ins making its system calls
+            for key, what in (("c", "in C"), ("python", "in minimal Python")):
+                if "runner_ms_per_run" in floor.get(key, {}):
+                    base = floor[key]["runner_ms_per_run"]
+                    rows.append((f"  runner CPU per run, against a stand-in {what}", f"{run['per_run_ms']['runner']:.3f} ms",
+                                 f"{base:.3f} ms/run", f"{run['per_run_ms']['runner'] / base:.2f}x", "(for comparison)",
+                                 None))
         m = run["memory_active"]
         rows.append((f"whole service USS, 200 jobs x 1 s, {how}", f"{m['total_uss_mb']:.0f} MB", "-", "-",
                      "<= 350 MB (aim 250)", m["total_uss_mb"] <= 350))
+        if how == "KSM off":
+            for key, what in (("c", "in C"), ("python", "in minimal Python")):
+                if "uss_mb_mean" in floor.get(key, {}):
+                    base = floor[key]["uss_mb_mean"]
+                    rows.append((f"  USS per active runner, against a stand-in {what}", f"{m['runner_mean_uss_mb']:.2f} MB",
+                                 f"{base:.3f} MB", f"{m['runner_mean_uss_mb'] / base:.1f}x", "(for comparison)", None))
     run = runs.get("per-run-sh-200")
     if run:
         if run.get("lateness_ms"):
@@ -429,7 +453,7 @@ def cost_table(report: dict) -> list[str]:
     if not rows:
         return []
     head = ("figure", "ours", "baseline", "ratio", "target", "met")
-    cells = [head] + [(a, b, c, d, e, "yes" if ok else "NO") for a, b, c, d, e, ok in rows]
+    cells = [head] + [(a, b, c, d, e, "-" if ok is None else "yes" if ok else "NO") for a, b, c, d, e, ok in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(head))]
     out = ["", "  per-job cost (issue 9):"]
     for row in cells:
@@ -465,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
         except KeyError:
             say(f"cannot run: we are root and user {RUN_AS_USER!r} does not exist")
             return 1
-    steps = {"per-run": bench_per_run, "spawn": bench_spawn, "memory": bench_memory, "latency": bench_latency,
+    steps = {"per-run": bench_per_run, "floor": bench_floor, "spawn": bench_spawn, "memory": bench_memory, "latency": bench_latency,
              "outbox": bench_outbox, "confsync": bench_confsync, "hub": bench_hub, "start": bench_start,
              "sinks": bench_sinks, "confine": bench_confine, "plugins": bench_plugins}
     chosen = args.only or list(ALL)
@@ -496,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def failed(report: dict) -> bool:
-    parts = list(report.get("per_run", [])) + [report.get(k) for k in ("memory", "spec_latency", "outbox", "confsync", "hub",
+    parts = list(report.get("per_run", [])) + [report.get(k) for k in ("floor", "memory", "spec_latency", "outbox", "confsync", "hub",
                                                                        "start", "confine", "plugins_cis",
                                                                        "plugins_openscap")]
     parts += list(report.get("spawn_paths", {}).values())
