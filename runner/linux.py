@@ -133,20 +133,20 @@ def set_title(title: str) -> bool:
         return False
 
 
-def place_on_one_cpu(pid: int, key: str) -> None:
-    """Keep process `pid` (a runner, and what it starts) on one of the CPUs we may use,
-    chosen by `key` (stable across restarts, spread across jobs). Done by the zygote after
-    forking, so that the runner itself allocates nothing for it.
+def one_cpu_for(key: str) -> int:
+    """The one CPU, of those we may use, that a runner keeps to: chosen by `key` (stable across
+    restarts, spread across jobs); -1 when there is no choice to make. The zygote picks it
+    before forking a batch and sets it on each runner right after forking it, before the
+    runner starts anything (so that the runner allocates nothing for it).
 
     Why: a run's processes then start, run and wake their runner on one warm CPU. Left to
     the scheduler, a fork or an exec is often placed on another, idle CPU, and waking that
     one (a VM exit on a virtual machine) and running there cold cost about 0.15 ms a run."""
     try:
         cpus = os.sched_getaffinity(0)
-        if len(cpus) > 1:
-            os.sched_setaffinity(pid, {pick_cpu(key, cpus)})
     except OSError:
-        pass
+        return -1
+    return pick_cpu(key, cpus) if len(cpus) > 1 else -1
 
 
 def pick_cpu(key: str, cpus: set[int] | frozenset[int]) -> int:

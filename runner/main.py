@@ -143,6 +143,19 @@ class Runner:
             self.log.warning("leaving with %d results the publisher did not acknowledge", len(self.results.unacked))
         return 0
 
+    def adopt(self) -> None:
+        """In the runner, when the zygote built this Runner before forking it: what belongs to
+        the runner's own process (its pid and parent, its /proc children list)."""
+        self.sandbox.adopt()
+        if self.children_fd >= 0:
+            os.close(self.children_fd)  # the zygote's thread's, inherited
+        self.children_fd = linux.open_children()
+
+    def fds(self) -> list[int]:
+        """What this Runner holds open before its first run (besides its pipes)."""
+        return [fd for fd in (self.poller.fileno(), self.counters.oom_fd, self.counters.pids_fd, self.children_fd)
+                if fd >= 0]
+
     def close(self) -> None:
         """Every file the runner holds open between runs (for the zygote's warm-up, which
         makes runners in its own process; a real runner simply exits)."""
@@ -530,12 +543,45 @@ def _remove_tree(path: str) -> None:
         os.unlink(path)
 
 
-def serve(rfd: int, wfd: int) -> int:
-    """Entry point in the forked child: read the RunnerConfig frame, then run the loop."""
-    linux.set_child_subreaper()
+class Prepared:
+    """A runner made ready in the zygote before the fork (see prepare)."""
+
+    __slots__ = ("channel", "frames", "runner", "fds")
+
+    def __init__(self, channel: Channel, frames: list, runner: Runner | None):
+        self.channel, self.frames, self.runner = channel, frames, runner
+        self.fds = runner.fds() if runner is not None else []
+
+
+def prepare(rfd: int, wfd: int, wait: float) -> Prepared:
+    """In the zygote, before forking a runner: read its RunnerConfig (the supervisor writes it
+    as it asks for the runner; waiting up to `wait` seconds) and build its Runner.
+
+    Reading and decoding the config and building a Runner touch about 0.7 MB of pages that
+    runners share with the zygote (reference counts, caches): done in each runner, each would
+    copy them. Done here, for a whole batch before its forks, every runner of the batch shares
+    them. Whatever goes wrong is left for the runner to find again and report (a frame not yet
+    complete, a config it cannot build from): this never raises."""
     channel = Channel(rfd, wfd, SupervisorToRunner, max_frame=MAX_FRAME)
-    deadline = time.monotonic() + 30
     frames: list = []
+    try:
+        if select.select([rfd], [], [], wait)[0]:
+            frames = channel.read()
+        if frames and isinstance(frames[0], RunnerConfig):
+            return Prepared(channel, frames, Runner(channel, frames[0]))
+    except Exception:  # noqa: BLE001 - the runner meets it again and reports it
+        pass
+    return Prepared(channel, frames, None)
+
+
+def serve(rfd: int, wfd: int, prepared: Prepared | None = None) -> int:
+    """Entry point in the forked child: read the RunnerConfig frame (unless the zygote did),
+    then run the loop."""
+    linux.set_child_subreaper()
+    if prepared is None:
+        prepared = Prepared(Channel(rfd, wfd, SupervisorToRunner, max_frame=MAX_FRAME), [], None)
+    channel, frames, runner = prepared.channel, prepared.frames, prepared.runner
+    deadline = time.monotonic() + 30
     while not frames and not channel.eof and time.monotonic() < deadline:
         select.select([rfd], [], [], 1.0)
         frames = channel.read()
@@ -545,7 +591,10 @@ def serve(rfd: int, wfd: int) -> int:
     cfg = frames[0]
     linux.set_process_name("ar-runner")
     linux.set_title(f"assessment-runtime: runner {cfg.job_uuid} {cfg.plugin.name}@{cfg.plugin.version}")
-    runner = Runner(channel, cfg)
+    if runner is None:
+        runner = Runner(channel, cfg)
+    else:
+        runner.adopt()
     for frame in frames[1:]:
         if isinstance(frame, RunNow):
             runner.run_now = True

@@ -51,5 +51,8 @@ class Poller:
             if handler is not None and handlers.get(fd) is handler:
                 handler()
 
+    def fileno(self) -> int:
+        return self._epoll.fileno()
+
     def close(self) -> None:
         self._epoll.close()

@@ -60,7 +60,7 @@ class Sandbox:
         cpu = max(1, int(limits.cpu_time + 0.999)) if limits.cpu_time else -1
         self.helper_args = [str(v) for v in (
             run_as[0] if run_as else -1, run_as[1] if run_as else -1, limits.memory or -1, cpu,
-            limits.open_files or -1, limits.processes or -1, os.getpid(), cgroup or "-")]
+            limits.open_files or -1, limits.processes or -1, os.getpid(), cgroup or "-")]  # PARENT_PID: 6
         # CONFINE without and with network, and CAPS (runner/ar_exec.c)
         self.confine_args = ("-", "-") if confine is None else (
             landlock.helper_arg(confine.write_paths, False), landlock.helper_arg(confine.write_paths, True))
@@ -81,6 +81,12 @@ class Sandbox:
             self.rlimits.append((resource.RLIMIT_NOFILE, (limits.open_files, limits.open_files)))
         if limits.processes:
             self.rlimits.append((resource.RLIMIT_NPROC, (limits.processes, limits.processes)))
+
+    def adopt(self) -> None:
+        """In a runner whose zygote built this Sandbox: the pids that are the runner's own."""
+        self.parent = os.getppid()
+        self.helper_args[6] = str(os.getpid())  # ar-exec's PARENT_PID: whose death kills the plugin
+        self._made_for = None
 
     def spawn(self, argv: list[str], cwd: str, stdin_fd: int, extra_env: dict[str, str],
               network: bool | None = None) -> tuple[int, int, int, int]:
@@ -118,7 +124,7 @@ class Sandbox:
 
     def release(self, tids: list[int]) -> None:
         """Let these threads of a run use every CPU the zygote may (the runner keeps to one,
-        and a run starts there: linux.place_on_one_cpu); threads started later inherit it.
+        and a run starts there: linux.one_cpu_for); threads started later inherit it.
 
         Changing the affinity of another uid's threads takes CAP_SYS_NICE, which the unit
         does not give us; the kernel also lets a caller whose effective uid is the target's.

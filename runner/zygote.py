@@ -13,12 +13,14 @@ EOF on the socket means the supervisor is gone: the zygote exits and its runners
 
 from __future__ import annotations
 
+import array
 import gc
 import os
 import select
 import signal
 import socket
 import sys
+import time
 
 import msgspec
 
@@ -29,6 +31,7 @@ from runner.wire import Exited, Spawn, Spawned
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(Spawn).decode
+PREPARE_WAIT = 0.2  # for a batch's configs: the supervisor writes each as it asks for the runner
 
 
 def reap_children(sock: socket.socket) -> None:
@@ -47,7 +50,14 @@ def spawn_runners(sock: socket.socket, private: list[socket.socket], batch: list
 
     What the zygote writes after a fork costs that runner a private copy of the page, unless
     a sibling forked before the write shares it: forking a batch with nothing in between
-    but the fork itself lets runners started together share those pages."""
+    but the fork itself lets runners started together share those pages. For the same
+    reason each runner of the batch is built here first (runner.main.prepare), all of them
+    before the first fork, and the zygote closes its copies of their files only after the
+    last one."""
+    deadline = time.monotonic() + PREPARE_WAIT
+    prepared = [runner.main.prepare(rfd, wfd, max(0.0, deadline - time.monotonic())) for _, (rfd, wfd) in batch]
+    table, bounds = _fd_table(batch, prepared)
+    cpus = array.array("i", [linux.one_cpu_for(request.job_uuid) for request, _ in batch])
     gc.freeze()  # what the zygote holds now is shared with the child, not touched by its GC
     zygote = os.getpid()
     pids = []
@@ -56,9 +66,10 @@ def spawn_runners(sock: socket.socket, private: list[socket.socket], batch: list
         if pid == 0:
             code = 1
             try:
-                for _, later in batch[i + 1:]:  # the pipes of the runners forked after this one
-                    for fd in later:
-                        os.close(fd)
+                for fd in table[:bounds[i]]:  # the pipes and files of every other runner
+                    os.close(fd)
+                for fd in table[bounds[i + 1]:]:
+                    os.close(fd)
                 signal.set_wakeup_fd(-1)
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 sock.close()
@@ -66,18 +77,39 @@ def spawn_runners(sock: socket.socket, private: list[socket.socket], batch: list
                     s.close()
                 linux.die_with_parent(zygote)
                 os.setpgid(0, 0)  # the supervisor stops a runner by its process group
-                code = runner.main.serve(rfd, wfd)
+                code = runner.main.serve(rfd, wfd, prepared[i])
             except BaseException:  # noqa: BLE001 - a runner must never fall back into the zygote loop
                 import traceback
                 traceback.print_exc()
             finally:
                 os._exit(code)
-        os.close(rfd)
-        os.close(wfd)
+        if cpus[i] >= 0:  # before the runner starts anything (it allocates nothing for it)
+            _keep_to(pid, cpus[i])
         pids.append(pid)
+    for fd in table:  # the runners have their own copies now
+        os.close(fd)
     for (request, _), pid in zip(batch, pids):
-        linux.place_on_one_cpu(pid, request.job_uuid)
         sock.send(_encode(Spawned(job_uuid=request.job_uuid, pid=pid)))
+
+
+def _keep_to(pid: int, cpu: int) -> None:
+    try:
+        os.sched_setaffinity(pid, (cpu,))
+    except OSError:  # gone already, or not allowed: it runs on any CPU
+        pass
+
+
+def _fd_table(batch: list[tuple[Spawn, list[int]]], prepared: list) -> tuple[array.array, array.array]:
+    """Every fd the zygote holds for the batch, runner by runner (its two pipe ends, then what
+    its Runner opened), and where each runner's begin: raw C ints, so that a child closes
+    its siblings' without touching a Python object of each (each on a page of its own, which
+    the child would copy)."""
+    fds, bounds = [], [0]
+    for (_, pipe), ready in zip(batch, prepared):
+        fds += pipe
+        fds += ready.fds
+        bounds.append(len(fds))
+    return array.array("i", fds), array.array("i", bounds)
 
 
 def main() -> int:
