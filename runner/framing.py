@@ -20,6 +20,13 @@ _HEADER = 4
 _READ_CHUNK = 64 << 10  # under malloc's mmap threshold: no mmap/munmap per read
 
 
+# Decoders and the encoder are shared by the channels of a process: a runner's channels are
+# then made without allocating one (each costs the runner copied pages of the zygote's).
+# Sharing is safe: msgspec keeps each call's state on that call's stack, not in the object.
+_ENCODER = msgspec.msgpack.Encoder()
+_DECODERS: dict = {}
+
+
 class FrameError(Exception):
     """The peer sent something that is not a valid frame; the channel is unusable."""
 
@@ -32,8 +39,14 @@ class Channel:
         for fd in (rfd, wfd):
             if fd is not None:
                 os.set_blocking(fd, False)
-        self._decoder = msgspec.msgpack.Decoder(decode_type, dec_hook=dec_hook) if decode_type is not None else None
-        self._encoder = msgspec.msgpack.Encoder(enc_hook=enc_hook)
+        if decode_type is None:
+            self._decoder = None
+        elif dec_hook is None:  # one per type per process (made in the zygote, for runners)
+            self._decoder = _DECODERS.get(decode_type) or _DECODERS.setdefault(
+                decode_type, msgspec.msgpack.Decoder(decode_type))
+        else:
+            self._decoder = msgspec.msgpack.Decoder(decode_type, dec_hook=dec_hook)
+        self._encoder = _ENCODER if enc_hook is None else msgspec.msgpack.Encoder(enc_hook=enc_hook)
         self._max = max_frame
         self._inbuf = bytearray()
         self._outbuf = bytearray()

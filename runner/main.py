@@ -9,6 +9,7 @@ at a time, always; every run yields exactly one result.
 
 from __future__ import annotations
 
+import _signal
 import math
 import os
 import select
@@ -299,8 +300,8 @@ class Runner:
 
     def _install_signals(self) -> None:
         self.self_pipe = SelfPipe((signal.SIGTERM, signal.SIGINT), self.signals)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        _signal.signal(_signal.SIGHUP, _signal.SIG_IGN)  # not signal.signal: see runner/selfpipe.py
+        _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
         self.poller.register(self.self_pipe.reader, READ, self.self_pipe.drain)
 
     def handle_signals(self) -> None:

@@ -16,6 +16,7 @@ matters: everything unacknowledged is sent again then.
 
 from __future__ import annotations
 
+import _socket
 import socket
 import time
 from collections import OrderedDict
@@ -56,7 +57,8 @@ class ResultLink:
         """Try to connect (when due); on success everything unacknowledged is sent again."""
         if self.channel is not None or now < self.reconnect_at:
             return False
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+        # _socket's type, not socket.socket (a Python class over it: more of the zygote's pages)
+        sock = _socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
         try:
             sock.connect(self.path)
         except OSError as e:  # no listener yet, or its backlog is full: try again soon

@@ -13,6 +13,7 @@ EOF on the socket means the supervisor is gone: the zygote exits and its runners
 
 from __future__ import annotations
 
+import _signal
 import array
 import gc
 import os
@@ -70,8 +71,8 @@ def spawn_runners(sock: socket.socket, private: list[socket.socket], batch: list
                     os.close(fd)
                 for fd in table[bounds[i + 1]:]:
                     os.close(fd)
-                signal.set_wakeup_fd(-1)
-                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                _signal.set_wakeup_fd(-1)  # not signal's wrappers: see runner/selfpipe.py
+                _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
                 sock.close()
                 for s in private:
                     s.close()

@@ -50,12 +50,12 @@ def test_each_runner_of_a_batch_holds_only_its_own_files_and_the_zygote_none_of_
     files = {pid: open_files(pid) for pid in runners}
     # the zygote closed every pipe and file it had for them
     assert sorted(open_files(zygote.pid).values()) == sorted(before.values())
-    pipes: dict[str, list[int]] = {}
+    pipes: dict[str, set[int]] = {}
     for pid, fds in files.items():
         uuid = job_of(svc, pid)
         for fd, target in fds.items():
             if fd > 2 and target.startswith("pipe:"):
-                pipes.setdefault(target, []).append(pid)
+                pipes.setdefault(target, set()).add(pid)
             if target.endswith("/children"):  # has_children reads the runner's own list
                 assert target == f"/proc/{pid}/task/{pid}/children", (pid, target)
             if target.startswith("/sys/fs/cgroup"):  # its job's counters, no other job's
