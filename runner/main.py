@@ -95,18 +95,14 @@ class Runner:
         }, cgroup=cfg.cgroup, cgroup_controllers=tuple(cfg.cgroup_controllers),
             confine=Confine(tuple(cfg.write_paths)) if cfg.confine else None, capabilities=tuple(cfg.capabilities))
         self.cgroup = JobCgroup(cfg.cgroup)
-        self.counters = RunCounters(cfg.cgroup)
-        self.children_fd = linux.open_children()
         self.stdin = StdinFile(cfg.job_json, cfg.config_json)
         self.nagios_args = self._nagios_args()
-        self.poller = Poller()
-        self.results = ResultLink(cfg.publisher_socket, MAX_FRAME + 2 * cfg.limits.output, self.poller)
-        self.dropped_reported = 0
-        self.skipped = 0  # fire times that came while a run was still going
-        self.skipped_reported = 0
         # a cron job: its expression, zone, and the wall time (UTC epoch) of its pending fire
         self.cron = cron.parse(cfg.schedule) if cfg.schedule else None
         self.zone = cron.zone(cfg.time_zone) if self.cron else None
+        self.dropped_reported = 0
+        self.skipped = 0  # fire times that came while a run was still going
+        self.skipped_reported = 0
         self.fire_wall: float | None = None
         self.run: Run | None = None
         self.run_now = False
@@ -117,12 +113,19 @@ class Runner:
         self.signals: list[int] = []
         self._read_into = [_READ_BUFFER]
         self._read_view = memoryview(_READ_BUFFER)
-        now = time.monotonic()
-        if self.cron is None:
-            self.next_run_at = now if cfg.run_on_start else self._next_slot(now)
-        else:  # a run on start is one on demand: the fire times stay as they are
-            self.next_run_at = self._next_slot(now)
-            self.run_now = cfg.run_on_start
+        self.next_run_at = self._first_slot(time.monotonic())
+        # files last, once nothing else can fail: the zygote builds runners (prepare) and must
+        # not be left holding the files of one it could not build
+        self.counters = RunCounters(cfg.cgroup)
+        self.children_fd = linux.open_children()
+        try:
+            self.poller = Poller()
+        except OSError:
+            self.counters.close()
+            if self.children_fd >= 0:
+                os.close(self.children_fd)
+            raise
+        self.results = ResultLink(cfg.publisher_socket, MAX_FRAME + 2 * cfg.limits.output, self.poller)
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -146,7 +149,10 @@ class Runner:
 
     def adopt(self) -> None:
         """In the runner, when the zygote built this Runner before forking it: what belongs to
-        the runner's own process (its pid and parent, its /proc children list)."""
+        the runner's own process (its pid and parent, its /proc children list), and its first
+        slot from now (building a batch takes a while: a slot picked then may have passed)."""
+        self.fire_wall = None  # nothing has fired yet: the first fire time is picked again
+        self.next_run_at = self._first_slot(time.monotonic())
         self.sandbox.adopt()
         if self.children_fd >= 0:
             os.close(self.children_fd)  # the zygote's thread's, inherited
@@ -221,6 +227,12 @@ class Runner:
         if self.run_now:
             return 0.0
         return min(reconnect, self.next_run_at)
+
+    def _first_slot(self, now: float) -> float:
+        if self.cron is None:
+            return now if self.cfg.run_on_start else self._next_slot(now)
+        self.run_now = self.cfg.run_on_start  # a run on start is one on demand: the fire times stay
+        return self._next_slot(now)
 
     def _next_slot(self, after: float) -> float:
         """Runs fall on a grid of the monotonic clock offset by the job's splay, so a

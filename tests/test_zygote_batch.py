@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import os
 import signal
+import time
 
 import msgspec
 import psutil
@@ -120,6 +121,59 @@ def test_prepare_leaves_an_incomplete_config_to_the_runner():
         assert ready.runner is None and ready.frames == [] and ready.fds == []
         ready = prepare(from_r, to_w, 0.01)  # nothing written at all: waits, then gives up
         assert ready.runner is None and ready.frames == []
+    finally:
+        for fd in (to_r, to_w, from_r, from_w):
+            os.close(fd)
+
+
+def test_a_config_the_zygote_cannot_build_from_leaves_no_file_open_there(tmp_path):
+    """The runner meets the error again and reports it; the zygote must not keep what the
+    failed build opened (it builds every runner the supervisor asks for, for as long as it runs)."""
+    cfg = RunnerConfig(
+        job_uuid="00000000-0000-4000-8000-000000000000", revision="0",
+        runtime_uuid="00000000-0000-4000-8000-000000000001", job_json=b"{}", config_json=b"{not json",
+        plugin=PluginInfo("p", "1", None), plugin_url=None, plugin_dirs=[str(tmp_path)],
+        require_sha256=False, title="t", labels={}, assessment_plan_uuid=None, component_uuid=None,
+        control_id=None, interval=60.0, timeout=10.0, stop_grace=1.0, run_on_start=False, splay=0.0,
+        limits=RunLimits(None, None, None, None, 1 << 20), scratch_dir=str(tmp_path / "scratch"),
+        run_as=None, log_level="critical", publisher_socket=str(tmp_path / "results.sock"))
+    frame = msgspec.msgpack.encode(cfg)
+    to_r, to_w = os.pipe()
+    from_r, from_w = os.pipe()
+    try:
+        before = sorted(os.listdir("/proc/self/fd"))
+        os.write(to_w, len(frame).to_bytes(4, "big") + frame)
+        ready = prepare(to_r, from_w, 1.0)
+        assert ready.runner is None and ready.frames == [cfg] and ready.fds == []  # left to the runner
+        assert sorted(os.listdir("/proc/self/fd")) == before
+    finally:
+        for fd in (to_r, to_w, from_r, from_w):
+            os.close(fd)
+
+
+def test_a_runner_taken_over_after_its_first_slot_passed_waits_for_the_next(tmp_path):
+    """Building a batch of 200 takes the zygote a while; a runner's first run must not start
+    late (at once) because the slot picked while building it has passed since."""
+    cfg = RunnerConfig(
+        job_uuid="00000000-0000-4000-8000-000000000000", revision="0",
+        runtime_uuid="00000000-0000-4000-8000-000000000001", job_json=b"{}", config_json=b"{}",
+        plugin=PluginInfo("p", "1", None), plugin_url=None, plugin_dirs=[str(tmp_path)],
+        require_sha256=False, title="t", labels={}, assessment_plan_uuid=None, component_uuid=None,
+        control_id=None, interval=0.5, timeout=10.0, stop_grace=1.0, run_on_start=False, splay=0.0,
+        limits=RunLimits(None, None, None, None, 1 << 20), scratch_dir=str(tmp_path / "scratch"),
+        run_as=None, log_level="critical", publisher_socket=str(tmp_path / "results.sock"))
+    frame = msgspec.msgpack.encode(cfg)
+    to_r, to_w = os.pipe()
+    from_r, from_w = os.pipe()
+    try:
+        os.write(to_w, len(frame).to_bytes(4, "big") + frame)
+        runner = prepare(to_r, from_w, 1.0).runner
+        first = runner.next_run_at
+        time.sleep(max(0.0, first - time.monotonic()) + 0.1)  # its first slot passes
+        runner.adopt()
+        assert runner.next_run_at > time.monotonic()
+        assert abs((runner.next_run_at - first) / 0.5 - round((runner.next_run_at - first) / 0.5)) < 1e-6  # on the grid
+        runner.close()
     finally:
         for fd in (to_r, to_w, from_r, from_w):
             os.close(fd)
