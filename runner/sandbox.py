@@ -23,6 +23,7 @@ class SpawnError(Exception):
 
 HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ar-exec")
 HELPER_FAILURE = b"ar-exec: "  # how the helper's own errors start on stderr (exit code 127)
+_PARENT_PID_ARG = 6  # where ar-exec's PARENT_PID is in Sandbox.helper_args
 _SPAWN_SIGDEF = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGPIPE)
 
 
@@ -60,7 +61,7 @@ class Sandbox:
         cpu = max(1, int(limits.cpu_time + 0.999)) if limits.cpu_time else -1
         self.helper_args = [str(v) for v in (
             run_as[0] if run_as else -1, run_as[1] if run_as else -1, limits.memory or -1, cpu,
-            limits.open_files or -1, limits.processes or -1, os.getpid(), cgroup or "-")]  # PARENT_PID: 6
+            limits.open_files or -1, limits.processes or -1, os.getpid(), cgroup or "-")]
         # CONFINE without and with network, and CAPS (runner/ar_exec.c)
         self.confine_args = ("-", "-") if confine is None else (
             landlock.helper_arg(confine.write_paths, False), landlock.helper_arg(confine.write_paths, True))
@@ -85,7 +86,7 @@ class Sandbox:
     def adopt(self) -> None:
         """In a runner whose zygote built this Sandbox: the pids that are the runner's own."""
         self.parent = os.getppid()
-        self.helper_args[6] = str(os.getpid())  # ar-exec's PARENT_PID: whose death kills the plugin
+        self.helper_args[_PARENT_PID_ARG] = str(os.getpid())  # whose death kills the plugin
         self._made_for = None
 
     def spawn(self, argv: list[str], cwd: str, stdin_fd: int, extra_env: dict[str, str],

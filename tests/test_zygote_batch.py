@@ -28,6 +28,18 @@ def open_files(pid: int) -> dict[int, str]:
     return out
 
 
+def config(folder, **changes) -> RunnerConfig:
+    """A runner's config for building one in this process (no cgroup, no uid of its own)."""
+    return msgspec.structs.replace(RunnerConfig(
+        job_uuid="00000000-0000-4000-8000-000000000000", revision="0",
+        runtime_uuid="00000000-0000-4000-8000-000000000001", job_json=b"{}", config_json=b"{}",
+        plugin=PluginInfo("p", "1", None), plugin_url=None, plugin_dirs=[str(folder)],
+        require_sha256=False, title="t", labels={}, assessment_plan_uuid=None, component_uuid=None,
+        control_id=None, interval=60.0, timeout=10.0, stop_grace=1.0, run_on_start=False, splay=0.0,
+        limits=RunLimits(None, None, None, None, 1 << 20), scratch_dir=str(folder / "scratch"),
+        run_as=None, log_level="critical", publisher_socket=str(folder / "results.sock")), **changes)
+
+
 def job_of(svc, runner_pid: int) -> str:
     return next(j["uuid"] for j in svc.status()["jobs"] if j["pid"] == runner_pid)
 
@@ -87,14 +99,7 @@ def test_a_plugin_dies_with_its_runner(service_factory):
 def test_a_runner_built_in_the_zygote_leaves_no_cyclic_garbage_there(tmp_path):
     """What prepare built and the zygote drops after the fork goes with its last reference:
     gc.freeze() put it in the permanent generation, where a cycle would stay for good."""
-    cfg = RunnerConfig(
-        job_uuid="00000000-0000-4000-8000-000000000000", revision="0",
-        runtime_uuid="00000000-0000-4000-8000-000000000001", job_json=b"{}", config_json=b"{}",
-        plugin=PluginInfo("p", "1", None), plugin_url=None, plugin_dirs=[str(tmp_path)],
-        require_sha256=False, title="t", labels={}, assessment_plan_uuid=None, component_uuid=None,
-        control_id=None, interval=60.0, timeout=10.0, stop_grace=1.0, run_on_start=False, splay=0.0,
-        limits=RunLimits(None, None, None, None, 1 << 20), scratch_dir=str(tmp_path / "scratch"),
-        run_as=None, log_level="critical", publisher_socket=str(tmp_path / "results.sock"))
+    cfg = config(tmp_path)
     frame = msgspec.msgpack.encode(cfg)
     garbage = []
     for _ in range(3):  # the first in a process makes msgspec's one-time type garbage
@@ -129,14 +134,7 @@ def test_prepare_leaves_an_incomplete_config_to_the_runner():
 def test_a_config_the_zygote_cannot_build_from_leaves_no_file_open_there(tmp_path):
     """The runner meets the error again and reports it; the zygote must not keep what the
     failed build opened (it builds every runner the supervisor asks for, for as long as it runs)."""
-    cfg = RunnerConfig(
-        job_uuid="00000000-0000-4000-8000-000000000000", revision="0",
-        runtime_uuid="00000000-0000-4000-8000-000000000001", job_json=b"{}", config_json=b"{not json",
-        plugin=PluginInfo("p", "1", None), plugin_url=None, plugin_dirs=[str(tmp_path)],
-        require_sha256=False, title="t", labels={}, assessment_plan_uuid=None, component_uuid=None,
-        control_id=None, interval=60.0, timeout=10.0, stop_grace=1.0, run_on_start=False, splay=0.0,
-        limits=RunLimits(None, None, None, None, 1 << 20), scratch_dir=str(tmp_path / "scratch"),
-        run_as=None, log_level="critical", publisher_socket=str(tmp_path / "results.sock"))
+    cfg = config(tmp_path, config_json=b"{not json")
     frame = msgspec.msgpack.encode(cfg)
     to_r, to_w = os.pipe()
     from_r, from_w = os.pipe()
@@ -154,14 +152,7 @@ def test_a_config_the_zygote_cannot_build_from_leaves_no_file_open_there(tmp_pat
 def test_a_runner_taken_over_after_its_first_slot_passed_waits_for_the_next(tmp_path):
     """Building a batch of 200 takes the zygote a while; a runner's first run must not start
     late (at once) because the slot picked while building it has passed since."""
-    cfg = RunnerConfig(
-        job_uuid="00000000-0000-4000-8000-000000000000", revision="0",
-        runtime_uuid="00000000-0000-4000-8000-000000000001", job_json=b"{}", config_json=b"{}",
-        plugin=PluginInfo("p", "1", None), plugin_url=None, plugin_dirs=[str(tmp_path)],
-        require_sha256=False, title="t", labels={}, assessment_plan_uuid=None, component_uuid=None,
-        control_id=None, interval=0.5, timeout=10.0, stop_grace=1.0, run_on_start=False, splay=0.0,
-        limits=RunLimits(None, None, None, None, 1 << 20), scratch_dir=str(tmp_path / "scratch"),
-        run_as=None, log_level="critical", publisher_socket=str(tmp_path / "results.sock"))
+    cfg = config(tmp_path, interval=0.5)
     frame = msgspec.msgpack.encode(cfg)
     to_r, to_w = os.pipe()
     from_r, from_w = os.pipe()
