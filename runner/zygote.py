@@ -87,8 +87,14 @@ def spawn_runners(sock: socket.socket, private: list[socket.socket], batch: list
         if cpus[i] >= 0:  # before the runner starts anything (it allocates nothing for it)
             _keep_to(pid, cpus[i])
         pids.append(pid)
-    for fd in table:  # the runners have their own copies now
-        os.close(fd)
+    # the runners have their own copies now; a Runner's files are closed by their owners (an
+    # epoll object closes its fd when freed: closed by number, it would close some later fd)
+    for ready in prepared:
+        if ready.runner is not None:
+            ready.runner.close()
+    for _, pipe in batch:
+        for fd in pipe:
+            os.close(fd)
     for (request, _), pid in zip(batch, pids):
         sock.send(_encode(Spawned(job_uuid=request.job_uuid, pid=pid)))
 
