@@ -587,16 +587,14 @@ def prepare(rfd: int, wfd: int, wait: float) -> Prepared:
     return Prepared(channel, frames, None)
 
 
-def serve(rfd: int, wfd: int, prepared: Prepared | None = None) -> int:
+def serve(prepared: Prepared) -> int:
     """Entry point in the forked child: read the RunnerConfig frame (unless the zygote did),
     then run the loop."""
     linux.set_child_subreaper()
-    if prepared is None:
-        prepared = Prepared(Channel(rfd, wfd, SupervisorToRunner, max_frame=MAX_FRAME), [], None)
     channel, frames, runner = prepared.channel, prepared.frames, prepared.runner
     deadline = time.monotonic() + 30
     while not frames and not channel.eof and time.monotonic() < deadline:
-        select.select([rfd], [], [], 1.0)
+        select.select([channel.rfd], [], [], 1.0)
         frames = channel.read()
     if not frames or not isinstance(frames[0], RunnerConfig):
         print("runner: no RunnerConfig from the supervisor", file=sys.stderr)

@@ -87,7 +87,6 @@ class Sandbox:
         """In a runner whose zygote built this Sandbox: the pids that are the runner's own."""
         self.parent = os.getppid()
         self.helper_args[_PARENT_PID_ARG] = str(os.getpid())  # whose death kills the plugin
-        self._made_for = None
 
     def spawn(self, argv: list[str], cwd: str, stdin_fd: int, extra_env: dict[str, str],
               network: bool | None = None) -> tuple[int, int, int, int]:

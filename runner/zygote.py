@@ -62,7 +62,7 @@ def spawn_runners(sock: socket.socket, private: list[socket.socket], batch: list
     gc.freeze()  # what the zygote holds now is shared with the child, not touched by its GC
     zygote = os.getpid()
     pids = []
-    for i, (_, (rfd, wfd)) in enumerate(batch):
+    for i in range(len(batch)):
         pid = os.fork()
         if pid == 0:
             code = 1
@@ -78,7 +78,7 @@ def spawn_runners(sock: socket.socket, private: list[socket.socket], batch: list
                     s.close()
                 linux.die_with_parent(zygote)
                 os.setpgid(0, 0)  # the supervisor stops a runner by its process group
-                code = runner.main.serve(rfd, wfd, prepared[i])
+                code = runner.main.serve(prepared[i])
             except BaseException:  # noqa: BLE001 - a runner must never fall back into the zygote loop
                 import traceback
                 traceback.print_exc()
