@@ -22,9 +22,11 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 import zlib
 from pathlib import Path
 
+import psutil
 import pytest
 
 from conftest import OK_PLUGIN, RunningService, control_status, make_plugin, spec, wait_for
@@ -233,3 +235,47 @@ def test_outbox_segment_damage_keeps_every_record_before_it(tmp_path, caplog, wh
     assert [p for _, p in more] == [b"after"]
     if lost:
         assert any(str(path) in r.getMessage() or segment_name(first) in r.getMessage() for r in caplog.records)
+
+
+def test_outbox_segments_removed_under_a_running_service_are_skipped_not_stalled_on(area):
+    """Someone deletes the outbox's segment files while the service runs and a sink has results
+    pending: the publisher says what was lost, goes on writing in a new segment, and the sink
+    delivers what comes next, without spinning on the missing files."""
+    root = area / "svc"
+    root.mkdir()
+    root.chmod(0o755)
+    out = root / "out"  # a file at first, not a folder: the file sink fails, and its results wait in the outbox
+    out.write_text("")
+    svc = RunningService(root, f"""
+        [publisher]
+        batch_max = 2
+        [[publisher.sink]]
+        name = "archive"
+        kind = "file"
+        path = "{out / 'results.jsonl'}"
+        retry_max = "1s"
+        """, sink_file=False)
+    try:
+        make_plugin(svc.plugins, "ok", OK_PLUGIN)
+        job = spec(interval="1s")
+        svc.write_spec("job.json", job)
+        svc.start()
+        wait_for(lambda: control_status(svc)["publisher"]["sinks"][0]["pending"] >= 3, 30, what="pending results")
+        for seg in (svc.state / "outbox").glob("*.seg"):
+            seg.unlink()
+        out.unlink()
+        out.mkdir()
+        lines = wait_for(lambda: (lambda t: t if t.count("\n") >= 3 else None)(
+            (out / "results.jsonl").read_text() if (out / "results.jsonl").exists() else ""), 30,
+            what="results delivered after the removal")
+        assert all(json.loads(line)["job_uuid"] == job["uuid"] for line in lines.splitlines())
+        log = svc.log_text()
+        assert "segment removed from disk" in log or "was removed from disk; going on in a new segment" in log
+        publisher = psutil.Process(control_status(svc)["publisher"]["pid"])
+        before = sum(publisher.cpu_times()[:2])
+        time.sleep(3)
+        # a sink stalled on a missing file used to retry at once, forever: about a core
+        assert sum(publisher.cpu_times()[:2]) - before < 1.0
+        wait_for(lambda: control_status(svc)["publisher"]["sinks"][0]["pending"] == 0, 15, what="nothing pending")
+    finally:
+        svc.kill_all()

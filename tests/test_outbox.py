@@ -274,3 +274,26 @@ def test_cursor_saves_from_several_threads_never_collide(tmp_path):
     with Outbox(str(tmp_path), 100 << 20, segment_bytes=2000, sinks=["a", "b"]) as box:
         assert box.pending("a") == box.pending("b") == 0  # the last cursors were saved
     assert not [n for n in os.listdir(tmp_path) if ".tmp." in n]
+
+
+def test_segments_removed_from_disk_are_skipped_and_logged_and_appends_go_on(tmp_path, caplog):
+    """Someone deletes segment files under a running outbox (the oldest, and the one being
+    written): the sink moves past what is lost, says so, and everything appended afterwards
+    is read; it never stalls on the missing files."""
+    caplog.set_level(logging.ERROR, logger="publisher")
+    with Outbox(str(tmp_path), 100 << 20, segment_bytes=2_000, sinks=["a"]) as box:
+        box.append_many([payload(i) for i in range(1, 61)])
+        names = segments(tmp_path)
+        assert len(names) >= 3
+        os.unlink(tmp_path / names[0])  # records 1.. of the first segment
+        os.unlink(tmp_path / names[-1])  # the segment being written
+        first_of_second = int(names[1].removesuffix(".seg"))
+        first_of_last = int(names[-1].removesuffix(".seg"))
+        box.append_many([payload(i) for i in range(61, 71)])  # into a new segment, not the removed file
+        taken = [seq for seq, _ in take_all(box, "a")]
+        assert taken == list(range(first_of_second, first_of_last)) + list(range(61, 71))
+        assert box.pending("a") == 0
+    text = caplog.text
+    assert f"segment removed from disk in {names[0]}" in text and f"skips {first_of_second - 1} results" in text
+    assert f"{names[-1]} was removed from disk; going on in a new segment" in text
+    assert segments(tmp_path)[-1] == segment_name(61)

@@ -321,6 +321,11 @@ class Outbox:
         active_final_size = size
         new_segments: list[_Segment] = []
         buf = bytearray()
+        if os.fstat(self._fd).st_nlink == 0:  # someone removed the file we write: nothing added there could be read
+            log.error("outbox: %s was removed from disk; going on in a new segment", active.path)
+            new_segments.append(_Segment(seq, self._new_segment_file(seq), 0))
+            first_in_file = seq
+            size = 0
         for payload in payloads:
             if size >= self.segment_bytes and seq > first_in_file:
                 self._write_all(buf)
@@ -411,6 +416,11 @@ class Outbox:
                 try:
                     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
                 except FileNotFoundError:
+                    if not records and first_seq == cursor.segment:
+                        # Removed from disk, and not by us (we move every cursor out of a
+                        # segment before we unlink it, so this is then a no-op): what it held
+                        # is lost; move past it rather than stall the sink.
+                        self._skip_corrupt(sink, cursor, "segment removed from disk")
                     break
                 try:
                     got, got_ends, corrupt = _read_records(fd, offset, end, seq, max_records - len(records),
