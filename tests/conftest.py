@@ -104,6 +104,28 @@ def spec(uuid: str | None = None, plugin: str = "ok", interval: str = "1h", **ex
     return doc
 
 
+def remove_service_cgroups(state: Path) -> None:
+    """The v1 cgroup folders a killed service leaves (one that stops cleanly removes its own):
+    without this, every test that kills one would leave `assessment-runtime-<uuid>` folders
+    behind, thousands of them over a few runs of the suite."""
+    from supervisor.cgroups import WANTED_V1, _own_v1_cgroups, _v1_mounts
+    try:
+        instance = (state / "runtime_uuid").read_text().strip()
+    except OSError:
+        return
+    mounts, own = _v1_mounts(), _own_v1_cgroups()
+    for controller in WANTED_V1:
+        if controller in mounts and controller in own:
+            mount, root = mounts[controller]
+            path = own[controller].removeprefix(root) if root != "/" else own[controller]
+            parent = os.path.join(mount, path.lstrip("/"), f"assessment-runtime-{instance}")
+            for folder, _, _ in sorted(os.walk(parent), key=lambda w: -len(w[0])):  # deepest first
+                try:
+                    os.rmdir(folder)
+                except OSError:
+                    pass  # still in use (not ours to force): left, as before
+
+
 class RunningService:
     """The real service, started as `python -m supervisor run --config F`."""
 
@@ -217,6 +239,7 @@ class RunningService:
         psutil.wait_procs(procs, timeout=5)
         if getattr(self, "_logf", None):
             self._logf.close()
+        remove_service_cgroups(self.state)
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
