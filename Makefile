@@ -5,11 +5,15 @@ CONFIG ?= examples/config.toml
 
 .PHONY: venv run test bench soak clean package package-check offline-bundle
 
-venv: $(VENV)/.installed runner/ar-exec
+venv: $(VENV)/.installed runner/ar-exec runner/.fastpath-built
 
 # the plugin exec helper (optional: without it runners fork to start plugins, which costs more)
 runner/ar-exec: runner/ar_exec.c runner/build-ar-exec.sh
 	sh runner/build-ar-exec.sh $@ || echo "warning: could not build runner/ar-exec; runners will fork"
+
+# the runner's C fast path, for the venv's python (optional: without it every run is done in Python)
+runner/.fastpath-built: runner/fastpath.c runner/build-fastpath.sh $(VENV)/.installed
+	sh runner/build-fastpath.sh runner $(PY) && touch $@ || echo "warning: could not build runner/_fastpath; runners do every run in Python"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,4 +49,4 @@ offline-bundle: package
 	bash packaging/bundle.sh
 
 clean:
-	rm -rf $(VENV) examples/state build dist *.egg-info runner/ar-exec
+	rm -rf $(VENV) examples/state build dist *.egg-info runner/ar-exec runner/_fastpath*.so runner/.fastpath-built

@@ -52,6 +52,9 @@ find "$BUILD/src" -name __pycache__ -prune -exec rm -rf {} +
 rm -f "$BUILD/src/runner/ar-exec"
 sh "$BUILD/src/runner/build-ar-exec.sh" "$BUILD/src/runner/ar-exec"
 objcopy --remove-section=.comment "$BUILD/src/runner/ar-exec"
+rm -f "$BUILD/src/runner/"_fastpath*.so "$BUILD/src/runner/.fastpath-built"
+sh "$BUILD/src/runner/build-fastpath.sh" "$BUILD/src/runner" "$PY"
+objcopy --remove-section=.comment "$BUILD/src/runner/"_fastpath*.so
 (cd "$BUILD/src" && "${PIP[@]}" wheel -q --no-deps --no-build-isolation -w "$BUILD/wheels" . 2>&1 | quiet)
 
 # -- the venv at its final path inside the staging root, then made to work there ---------------
@@ -64,6 +67,7 @@ objcopy --remove-section=.comment "$BUILD/src/runner/ar-exec"
 # the interpreter is the target's python3.11, by absolute path
 test "$(readlink -f "$STAGE$FINAL/venv/bin/python3")" = "$(readlink -f "$PY")"
 test -x "$STAGE$FINAL/venv/lib/python3.11/site-packages/runner/ar-exec"
+ls "$STAGE$FINAL/venv/lib/python3.11/site-packages/runner/"_fastpath*.so >/dev/null
 
 # -- everything else the packages carry --------------------------------------------------------
 install -d "$STAGE/usr/lib/assessment-runtime" "$STAGE/lib/systemd/system" "$STAGE/usr/lib/sysusers.d" \

@@ -33,6 +33,10 @@ from runner.landlock import Confine
 from runner.sandbox import HELPER_FAILURE, PLUGIN_PATH, Sandbox, SpawnError, kill_group, sweep_orphans
 from runner.results import ResultLink
 from runner.units import format_duration
+try:  # the usual run's mechanics in C (runner/fastpath.c); without it every run is done here
+    from runner import _fastpath
+except ImportError:
+    _fastpath = None
 from runner.wire import (AttestationResult, LastResult, PluginInfo, Publish, RunnerConfig, RunnerState, RunNow,
                          SupervisorToRunner)
 
@@ -46,9 +50,19 @@ _encoder = msgspec.msgpack.Encoder()
 # (a malloc on the heap each time, whose pages become the runner's own). Made in the zygote:
 # a runner copies only the pages its reads reach (one, for the usual short output).
 _READ_BUFFER = bytearray(READ_CHUNK)
+_READ_INTO = [_READ_BUFFER]
+_READ_VIEW = memoryview(_READ_BUFFER)
 
 
 _NO_PLUGIN = PluginInfo("", "")
+FASTPATH = _fastpath is not None and not os.environ.get("ASSESSMENT_RUNTIME_NO_FASTPATH")
+
+
+class _Usage:
+    __slots__ = ("ru_utime", "ru_stime")
+
+    def __init__(self, utime: float, stime: float):
+        self.ru_utime, self.ru_stime = utime, stime
 
 
 class Run:
@@ -79,7 +93,7 @@ class Run:
 
 
 class Runner:
-    # A Runner has 29 attributes (28 here, self_pipe in _install_signals). CPython 3.11 keeps an
+    # A Runner has 28 attributes (27 here, self_pipe in _install_signals). CPython 3.11 keeps an
     # instance dict of up to 29 keys split (shared keys, about 300 bytes); a 30th makes every
     # runner's dict a 1.6 KB one of its own: count before adding one (idle runner USS +0.03 MB).
     def __init__(self, channel: Channel, cfg: RunnerConfig):
@@ -111,8 +125,7 @@ class Runner:
         self._plugin_info = PluginInfo(cfg.plugin.name, cfg.plugin.version, None)  # reused while the digest holds
         self._clean_scratch: tuple[int, int] | None = None  # (inode, ctime) of the scratch folder, emptied
         self.signals: list[int] = []
-        self._read_into = [_READ_BUFFER]
-        self._read_view = memoryview(_READ_BUFFER)
+        self._fast: tuple | None = None  # (the resolution it was made for, _fast_args' answer)
         self.next_run_at = self._first_slot(time.monotonic())
         # files last, once nothing else can fail: the zygote builds runners (prepare) and must
         # not be left holding the files of one it could not build
@@ -138,6 +151,8 @@ class Runner:
                 self.results.connect(time.monotonic())  # when due: at start, and after the publisher went away
             if self.results.dropped != self.dropped_reported or self.skipped != self.skipped_reported:
                 self.report_state()
+            if FASTPATH and self._clean_scratch is not None and self.run_fast():  # (not yet: no cost to idle runners)
+                continue
             self.poller.poll(min(60.0, max(0.0, self._next_deadline() - time.monotonic())))
             if self.signals:
                 self.handle_signals()
@@ -301,11 +316,11 @@ class Runner:
         read never does then, and this saves switching them to non-blocking each run). At
         EOF the pipe leaves the poller (an open pipe at EOF would wake it forever); it is
         closed when the run ends."""
-        n = os.readv(fd, self._read_into)
+        n = os.readv(fd, _READ_INTO)
         if not n:
             self.poller.unregister(fd)
             self.run.open_pipes.discard(fd)
-        return self._read_view[:n]
+        return _READ_VIEW[:n]
 
     def on_plugin_exit(self) -> None:
         self.finish_run()
@@ -347,16 +362,23 @@ class Runner:
         run.protocol = plugin.manifest.protocol
         run.path = plugin.path
         argv = [plugin.path] + (self.nagios_args if run.protocol == "nagios" else [])
+        got = None
         try:
             scratch, empty = self.prepare_scratch()
             stdin_fd = self.stdin.prepare(run.uuid)
             before = time.time_ns()
-            run.pid, run.pidfd, run.out_fd, run.err_fd = self.sandbox.spawn(
-                argv, scratch, stdin_fd, {"ASSESSMENT_RUN_UUID": run.uuid}, network=plugin.manifest.network)
+            if FASTPATH and self._fast_args() is not None:  # checks done: C starts it, collects it if quick
+                got = self._fast_run(0.0, (), empty, run.uuid.encode())
+                got = None if got[0] == "slow" else got  # (it could not start: the spawn below says why)
+            if got is None:
+                run.pid, run.pidfd, run.out_fd, run.err_fd = self.sandbox.spawn(
+                    argv, scratch, stdin_fd, {"ASSESSMENT_RUN_UUID": run.uuid}, network=plugin.manifest.network)
             # anything this plugin changes in scratch gets a later ctime than `empty` has
             self._clean_scratch = empty if before - empty[1] >= SCRATCH_TICK_NS else None
         except (SpawnError, OSError) as e:
             return self.finish_without_spawn(run, f"cannot start plugin {plugin.path}: {e}")
+        if got is not None:
+            return self._take(run, got)
         # Most plugins are done within milliseconds and write less than a pipe holds (64 KiB):
         # their pipes are read when they exit, one wake-up per run. One still running after
         # PIPE_WATCH_DELAY gets its pipes watched, so that a large output never blocks it.
@@ -394,7 +416,9 @@ class Runner:
             self.poller.forget(fd)
             os.close(fd)
         oom_killed, pids_exhausted = self.counters.hits()
-        end = time.time()
+        self.conclude(run, status, rusage, oom_killed, pids_exhausted, time.time())
+
+    def conclude(self, run: Run, status: int, rusage, oom_killed: bool, pids_exhausted: bool, end: float) -> None:
         if run.failure is None and status == 127 << 8 and run.stderr_tail.startswith(HELPER_FAILURE):
             detail = run.stderr_tail.decode(errors="replace").strip().removeprefix("ar-exec: ")
             run.failure = f"cannot start plugin {run.path}: {detail}"
@@ -416,6 +440,91 @@ class Runner:
             reason = failure_reason(status, rusage, self.cfg.limits, bytes(run.stderr_tail),
                                     oom_killed=oom_killed, pids_exhausted=pids_exhausted)
             self.send_result(run, end, "error", reason, errors=True)
+
+    def run_fast(self) -> bool:
+        """The next run, the usual way, through runner/fastpath.c: C waits until it is due,
+        checks that nothing the last run's trust and scratch checks looked at has changed,
+        starts the plugin and collects it if it is quick; Python only builds the result. For
+        an interval job, a plugin checked before, a scratch folder known empty, with ar-exec.
+        False: this turn of the loop is the usual one (nothing was done)."""
+        if (self.run is not None or self.stopping or self.run_now or self.cron is not None or self.signals
+                or self.results.channel is None or self._clean_scratch is None or self._fast_args() is None):
+            return False
+        got = self._fast_run(self.next_run_at, self._fast[1][2], self._clean_scratch, b"")
+        if got[0] == "wake":  # the loop has something first; the run is still due
+            return False
+        if got[0] == "slow":  # something changed: the checks say what, as for any run
+            self.start_run(time.monotonic())
+            return True
+        run_uuid, start_wall, start_mono = got[1:4]
+        self.run_now = False
+        if self._due(start_mono):
+            self.next_run_at = self._next_slot(start_mono)
+        plugin, digest = self._fast[1][:2]
+        run = self.run = Run(run_uuid, start_wall, start_mono, start_mono + self.cfg.timeout)
+        if self._plugin_info.sha256 != digest:
+            self._plugin_info = PluginInfo(self.cfg.plugin.name, self.cfg.plugin.version, digest)
+        run.plugin, run.protocol, run.path = self._plugin_info, plugin.manifest.protocol, plugin.path
+        self._take(run, got)
+        return True
+
+    def _fast_run(self, due: float, levels: tuple, scratch_key: tuple[int, int], run_uuid: bytes) -> tuple:
+        _, _, _, scratch, helper, argv, env = self._fast_args()
+        return _fastpath.run(self.poller.fileno(), due, levels, scratch, scratch_key, run_uuid, self.stdin._rw,
+                             self.stdin._ro, self.stdin._head, self.stdin._tail, helper, argv, env, PIPE_WATCH_DELAY,
+                             self.cfg.limits.output, self.children_fd, self.counters.oom_fd, self.counters.pids_fd)
+
+    def _take(self, run: Run, got: tuple) -> None:
+        """Take over what runner/fastpath.c started: a run still going, as if start_run had
+        started it; or one it collected, concluded as finish_run does."""
+        run.pid = got[4]
+        if got[0] == "inflight":
+            run.pidfd, run.out_fd, run.err_fd = got[5:8]
+            run.open_pipes = {run.out_fd, run.err_fd}
+            run.watch_pipes_at = got[3] + PIPE_WATCH_DELAY
+            self.poller.register(run.pidfd, READ, self.on_plugin_exit)
+            return
+        status, utime, stime, stdout, stderr, children, oom_kills, pids_max, end = got[5:]
+        if children:  # nothing the run started may outlive it (finish_run)
+            self.cgroup.kill()
+            sweep_orphans()
+        run.stdout = bytearray(stdout)
+        limit = self.cfg.limits.output
+        if len(run.stdout) > limit:
+            del run.stdout[limit:]
+            run.failure = f"output limit exceeded: more than {limit} bytes"
+        run.stderr_tail = bytearray(stderr)
+        before, self.counters.counters = self.counters.counters, (oom_kills, pids_max)
+        self.conclude(run, status, _Usage(utime, stime), oom_kills > before[0], pids_max > before[1], end)
+
+    def _fast_args(self) -> tuple | None:
+        """What runner/fastpath.c is given for the plugin as last resolved: (plugin, digest,
+        the levels its trust check stat-ed with their keys, the scratch folder, ar-exec, its
+        argv, the environment), made once per resolution; None without ar-exec or before a
+        plugin was resolved."""
+        last = self.resolver._last
+        if last is None or self.sandbox.helper is None or self.stdin._rw < 0:
+            return None
+        if self._fast is not None and self._fast[0] is last:
+            return self._fast[1]
+        keys, plugin, digest = last
+        levels = []
+        for plugin_dir, folder, name_dir, manifest in self.resolver._places:
+            if folder != plugin.folder:  # an earlier plugin_dir without it: it must stay so
+                levels.append((os.fsencode(manifest), -1))
+                continue
+            # what resolve() looks at again each run, in its order, each with its key
+            looked = ((manifest, 0), (folder, 0), (name_dir, 0), (plugin_dir, 1), (plugin.path, 0))
+            levels += [(os.fsencode(path), follow, *key) for (path, follow), key in zip(looked, keys)]
+            break
+        helper_argv = self.sandbox.helper_argv(self.cfg.scratch_dir, plugin.manifest.network)
+        argv = helper_argv + [plugin.path] + (self.nagios_args if plugin.manifest.protocol == "nagios" else [])
+        env = self.sandbox.env_for(self.cfg.scratch_dir)
+        args = (plugin, digest, tuple(levels), os.fsencode(self.cfg.scratch_dir), os.fsencode(self.sandbox.helper),
+                tuple(os.fsencode(a) for a in argv), tuple(os.fsencode(f"{k}={v}") for k, v in env.items()))
+        self._fast = (last, args)
+        self.log.debug("runs go through runner/fastpath.c (%s)", plugin.path)
+        return args
 
     def finish_without_spawn(self, run: Run, reason: str) -> None:
         if run.plugin is _NO_PLUGIN:

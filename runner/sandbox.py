@@ -95,15 +95,10 @@ class Sandbox:
         run may use TCP under confinement (its plugin.toml); None: as `confine` says."""
         if network is None:
             network = self.confine is not None and self.confine.network
-        if self._made_for != cwd:  # what does not change from run to run, made once
-            self._made_for = cwd
-            self._env = dict(self.env_base, HOME=cwd)
-            self._helper_argv = tuple([self.helper, *self.helper_args, cwd, confine, self.caps_arg, "--"]
-                                      for confine in self.confine_args)
-        env = self._env.copy()
+        env = self.env_for(cwd).copy()
         env.update(extra_env)
         if self.helper is not None:
-            return self._spawn_helper(self._helper_argv[network] + argv, stdin_fd, env)
+            return self._spawn_helper(self.helper_argv(cwd, network) + argv, stdin_fd, env)
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         errpipe_r, errpipe_w = os.pipe2(os.O_CLOEXEC)
@@ -121,6 +116,23 @@ class Sandbox:
             os.close(err_r)
             raise SpawnError(failure.decode(errors="replace"))
         return pid, os.pidfd_open(pid), out_r, err_r
+
+    def env_for(self, cwd: str) -> dict[str, str]:
+        """The plugin's environment, but for its run uuid (do not change it)."""
+        self._make_for(cwd)
+        return self._env
+
+    def helper_argv(self, cwd: str, network: bool) -> list[str]:
+        """ar-exec's own arguments, up to its `--` (a new list)."""
+        self._make_for(cwd)
+        return list(self._helper_argv[network])
+
+    def _make_for(self, cwd: str) -> None:
+        if self._made_for != cwd:  # what does not change from run to run, made once
+            self._made_for = cwd
+            self._env = dict(self.env_base, HOME=cwd)
+            self._helper_argv = tuple([self.helper, *self.helper_args, cwd, confine, self.caps_arg, "--"]
+                                      for confine in self.confine_args)
 
     def release(self, tids: list[int]) -> None:
         """Let these threads of a run use every CPU the zygote may (the runner keeps to one,

@@ -16,6 +16,7 @@ no signal handler is installed, nothing is logged; the plugin runs as the zygote
 from __future__ import annotations
 
 import os
+import select
 import socket
 import sys
 import time
@@ -23,6 +24,7 @@ import time
 import msgspec
 
 from runner.framing import MAX_FRAME, Channel
+from runner import main as runner_main
 from runner.main import Runner, _remove_tree
 from runner.wire import (Acked, PluginInfo, RunLimits, RunnerConfig, RunnerToPublisher, SupervisorToRunner)
 
@@ -42,6 +44,8 @@ def warm_up(rounds: int = 10) -> None:
         with open(os.path.join(folder, "warm"), "wb") as f:
             f.write(PLUGIN)
         os.chmod(os.path.join(folder, "warm"), 0o755)
+        os.mkdir(os.path.join(tmp, "scratch"), 0o700)  # made ahead: a run trusts it empty only later (SCRATCH_TICK_NS)
+        time.sleep(2 * runner_main.SCRATCH_TICK_NS / 1e9)
         path = os.path.join(tmp, "results.sock")
         listener.bind(path)
         listener.listen(1)
@@ -77,12 +81,17 @@ def _one_round(frame: bytes, listener: socket.socket) -> None:
         publisher = Channel(fd, fd, RunnerToPublisher)
         runner.tick(time.monotonic())  # not due: nothing starts
         runner.start_run(time.monotonic())  # as serve() does when a run is due
+        _finish(runner)
+        sent = 1
+        if runner_main.FASTPATH and runner._clean_scratch is not None:  # a second run, the usual way
+            runner.next_run_at = time.monotonic()
+            if runner.run_fast():
+                _finish(runner)
+                sent += 1
+        uuids = []
         deadline = time.monotonic() + 10
-        while runner.run is not None and time.monotonic() < deadline:
-            runner.poller.poll(1.0)
-            runner.tick(time.monotonic())
-        os.set_blocking(publisher.rfd, True)
-        uuids = [message.last.uuid for message in publisher.read()]
+        while len(uuids) < sent and select.select([publisher.rfd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            uuids += [message.last.uuid for message in publisher.read()]
         publisher.send(Acked(uuids))
         runner.results.read_acks()
         os.read(from_r, 1 << 16)
@@ -93,6 +102,13 @@ def _one_round(frame: bytes, listener: socket.socket) -> None:
             publisher.close()
         for fd in (to_r, to_w, from_r, from_w):
             os.close(fd)
+
+
+def _finish(runner: Runner) -> None:
+    deadline = time.monotonic() + 10
+    while runner.run is not None and time.monotonic() < deadline:
+        runner.poller.poll(1.0)
+        runner.tick(time.monotonic())
 
 
 def fill_free_blocks() -> int:

@@ -225,8 +225,9 @@ class RunningService:
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout)
 
-    def kill_all(self) -> None:
-        """Teardown: nothing of ours may outlive the test."""
+    def kill_all(self, keep_cgroups: bool = False) -> None:
+        """Teardown: nothing of ours may outlive the test (`keep_cgroups`: but the cgroup
+        folders the killed service leaves, for a test of what the next start does with them)."""
         procs = self.descendants() if self.proc else []
         if self.proc and self.proc.poll() is None:
             self.proc.kill()
@@ -239,7 +240,8 @@ class RunningService:
         psutil.wait_procs(procs, timeout=5)
         if getattr(self, "_logf", None):
             self._logf.close()
-        remove_service_cgroups(self.state)
+        if not keep_cgroups:
+            remove_service_cgroups(self.state)
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""

@@ -282,7 +282,7 @@ def test_cgroup_v1_enforces_memory_and_processes_and_leaves_nothing_behind(servi
     with open(os.path.join([f for f in folders if "/memory/" in f][0], hog["uuid"], "memory.limit_in_bytes")) as f:
         assert int(f.read()) == 64 << 20
     # SIGKILL of the whole service leaves cgroups; the next start removes them
-    svc.kill_all()
+    svc.kill_all(keep_cgroups=True)
     svc.proc = None
     leftovers = [os.path.join(f, name) for f in folders for name in subfolders(f)]
     assert len(leftovers) == 6, leftovers  # 3 jobs x (memory, pids)
