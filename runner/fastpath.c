@@ -50,14 +50,24 @@ static long long ns_of(const struct timespec *ts) {
     return (long long)ts->tv_sec * 1000000000LL + ts->tv_nsec;
 }
 
-/* poll, retried on EINTR (a signal's handler has written to the self-pipe, which is in the
- * epoll we watch: the next round sees it); the timeout in ms, rounded up */
+/* poll until `until` (monotonic seconds), without the GIL; in slices of at most a minute, so
+ * that a far deadline (a job run every 30 days) never overflows poll's int of ms. Interrupted
+ * by a signal, Python's handlers run (the runner's only queue it, and its self-pipe, in the
+ * epoll we watch, then wakes the next round); one that raises ends the wait: -2, exception set. */
 static int wait_for(struct pollfd *fds, int n, double until) {
     for (;;) {
         double left = until - clock_now(CLOCK_MONOTONIC);
-        int ms = left <= 0 ? 0 : (int)(left * 1000.0) + 1;
-        int r = poll(fds, n, ms);
-        if (r >= 0 || errno != EINTR) return r;
+        int ms = left <= 0 ? 0 : left >= 60.0 ? 60000 : (int)(left * 1000.0) + 1;
+        int r, error;
+        Py_BEGIN_ALLOW_THREADS
+        r = poll(fds, n, ms);
+        error = errno;
+        Py_END_ALLOW_THREADS
+        if (r < 0 && error == EINTR) {
+            if (PyErr_CheckSignals() < 0) return -2;
+            continue;
+        }
+        if (r != 0 || ms < 60000) return r;
     }
 }
 
@@ -246,7 +256,7 @@ static PyObject *run(PyObject *Py_UNUSED(module), PyObject *args) {
     int r;
 
     /* 1. until the run is due, unless the loop has something to do first (due 0: now) */
-    if (due > 0 && (r = wait_for(fds + 1, 1, due)) != 0) return Py_NewRef(WAKE);
+    if (due > 0 && (r = wait_for(fds + 1, 1, due)) != 0) return r == -2 ? NULL : Py_NewRef(WAKE);
 
     /* 2. the checks' fast paths */
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(levels); i++) {
@@ -306,6 +316,7 @@ static PyObject *run(PyObject *Py_UNUSED(module), PyObject *args) {
     /* 5. a quick plugin is waited for here; one still running, or an event, is Python's */
     fds[0].fd = pidfd;
     r = wait_for(fds, 2, start_mono + quick);
+    if (r == -2) PyErr_Clear();  /* the run has started and must be handed over: a raising handler (the runner has none) loses its exception */
     if (r <= 0 || !(fds[0].revents & POLLIN))
         return Py_BuildValue("(ss#ddiiii)", "inflight", uuid, (Py_ssize_t)36, start_wall, start_mono, (int)pid,
                              pidfd, out[0], err[0]);

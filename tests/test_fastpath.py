@@ -8,6 +8,7 @@ import os
 import select
 import stat
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -124,6 +125,11 @@ def test_an_event_before_the_run_is_due_starts_nothing(stage):
         os.write(w, b"x")
         assert s.run(due=time.monotonic() + 5) == ("wake",)
         assert not (s.folder / "ran").exists()
+        os.read(r, 1)
+        # a run 40 days away (past what poll's int of milliseconds holds) still wakes for an event
+        threading.Timer(0.3, os.write, (w, b"x")).start()
+        t0 = time.monotonic()
+        assert s.run(due=t0 + 40 * 86400) == ("wake",) and time.monotonic() - t0 < 5
         os.read(r, 1)
         t0 = time.monotonic()
         got = s.run(due=t0 + 0.2)  # nothing for the loop: it waits until due, then runs
