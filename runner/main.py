@@ -356,19 +356,16 @@ class Runner:
             plugin, digest = self.resolver.resolve()
         except PluginError as e:
             return self.finish_without_spawn(run, self._explain(e.reason))
-        if self._plugin_info.sha256 != digest:
-            self._plugin_info = PluginInfo(self.cfg.plugin.name, self.cfg.plugin.version, digest)
-        run.plugin = self._plugin_info
-        run.protocol = plugin.manifest.protocol
-        run.path = plugin.path
+        self._set_plugin(run, plugin, digest)
         argv = [plugin.path] + (self.nagios_args if run.protocol == "nagios" else [])
         got = None
         try:
             scratch, empty = self.prepare_scratch()
             stdin_fd = self.stdin.prepare(run.uuid)
             before = time.time_ns()
-            if FASTPATH and self._fast_args() is not None:  # checks done: C starts it, collects it if quick
-                got = self._fast_run(0.0, (), empty, run.uuid.encode())
+            fast = self._fast_args() if FASTPATH else None
+            if fast is not None:  # checks done: C starts it, collects it if quick
+                got = self._fast_run(fast, 0.0, (), empty, run.uuid.encode())
                 got = None if got[0] == "slow" else got  # (it could not start: the spawn below says why)
             if got is None:
                 run.pid, run.pidfd, run.out_fd, run.err_fd = self.sandbox.spawn(
@@ -379,12 +376,21 @@ class Runner:
             return self.finish_without_spawn(run, f"cannot start plugin {plugin.path}: {e}")
         if got is not None:
             return self._take(run, got)
+        self._watch_run(run, now)
+
+    def _watch_run(self, run: Run, started: float) -> None:
         # Most plugins are done within milliseconds and write less than a pipe holds (64 KiB):
         # their pipes are read when they exit, one wake-up per run. One still running after
         # PIPE_WATCH_DELAY gets its pipes watched, so that a large output never blocks it.
         run.open_pipes = {run.out_fd, run.err_fd}
-        run.watch_pipes_at = now + PIPE_WATCH_DELAY
+        run.watch_pipes_at = started + PIPE_WATCH_DELAY
         self.poller.register(run.pidfd, READ, self.on_plugin_exit)
+
+    def _set_plugin(self, run: Run, plugin, digest: str) -> None:
+        """What this run runs (its PluginInfo reused while the digest holds)."""
+        if self._plugin_info.sha256 != digest:
+            self._plugin_info = PluginInfo(self.cfg.plugin.name, self.cfg.plugin.version, digest)
+        run.plugin, run.protocol, run.path = self._plugin_info, plugin.manifest.protocol, plugin.path
 
     def end_run(self, reason: str, sig: int = signal.SIGTERM) -> None:
         """End the run ourselves: signal its process group, SIGKILL after the grace."""
@@ -448,9 +454,12 @@ class Runner:
         an interval job, a plugin checked before, a scratch folder known empty, with ar-exec.
         False: this turn of the loop is the usual one (nothing was done)."""
         if (self.run is not None or self.stopping or self.run_now or self.cron is not None or self.signals
-                or self.results.channel is None or self._clean_scratch is None or self._fast_args() is None):
+                or self.results.channel is None or self._clean_scratch is None):
             return False
-        got = self._fast_run(self.next_run_at, self._fast[1][2], self._clean_scratch, b"")
+        fast = self._fast_args()
+        if fast is None:
+            return False
+        got = self._fast_run(fast, self.next_run_at, fast[2], self._clean_scratch, b"")
         if got[0] == "wake":  # the loop has something first; the run is still due
             return False
         if got[0] == "slow":  # something changed: the checks say what, as for any run
@@ -460,16 +469,14 @@ class Runner:
         self.run_now = False
         if self._due(start_mono):
             self.next_run_at = self._next_slot(start_mono)
-        plugin, digest = self._fast[1][:2]
+        plugin, digest = fast[:2]
         run = self.run = Run(run_uuid, start_wall, start_mono, start_mono + self.cfg.timeout)
-        if self._plugin_info.sha256 != digest:
-            self._plugin_info = PluginInfo(self.cfg.plugin.name, self.cfg.plugin.version, digest)
-        run.plugin, run.protocol, run.path = self._plugin_info, plugin.manifest.protocol, plugin.path
+        self._set_plugin(run, plugin, digest)
         self._take(run, got)
         return True
 
-    def _fast_run(self, due: float, levels: tuple, scratch_key: tuple[int, int], run_uuid: bytes) -> tuple:
-        _, _, _, scratch, helper, argv, env = self._fast_args()
+    def _fast_run(self, fast: tuple, due: float, levels: tuple, scratch_key: tuple[int, int], run_uuid: bytes) -> tuple:
+        _, _, _, scratch, helper, argv, env = fast
         return _fastpath.run(self.poller.fileno(), due, levels, scratch, scratch_key, run_uuid, self.stdin._rw,
                              self.stdin._ro, self.stdin._head, self.stdin._tail, helper, argv, env, PIPE_WATCH_DELAY,
                              self.cfg.limits.output, self.children_fd, self.counters.oom_fd, self.counters.pids_fd)
@@ -480,10 +487,7 @@ class Runner:
         run.pid = got[4]
         if got[0] == "inflight":
             run.pidfd, run.out_fd, run.err_fd = got[5:8]
-            run.open_pipes = {run.out_fd, run.err_fd}
-            run.watch_pipes_at = got[3] + PIPE_WATCH_DELAY
-            self.poller.register(run.pidfd, READ, self.on_plugin_exit)
-            return
+            return self._watch_run(run, got[3])
         status, utime, stime, stdout, stderr, children, oom_kills, pids_max, end = got[5:]
         if children:  # nothing the run started may outlive it (finish_run)
             self.cgroup.kill()
