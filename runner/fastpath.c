@@ -222,10 +222,11 @@ static void close_all(const int *fds, int n) {
 }
 
 PyDoc_STRVAR(run_doc,
-"run(epoll_fd, due, levels, scratch, scratch_key, run_uuid, stdin_rw, stdin_ro, head, tail, helper, argv,\n"
-"    env, quick, output_limit, children_fd, oom_fd, pids_fd)\n\n"
+"run(epoll_fd, due, levels, scratch, scratch_key, scratch_age, run_uuid, stdin_rw, stdin_ro, head, tail,\n"
+"    helper, argv, env, quick, output_limit, children_fd, oom_fd, pids_fd)\n\n"
 "One usual run (see the file's comment). `due` 0: start now; `levels` (): checked already;\n"
-"`run_uuid` b'': make one. Returns one of:\n"
+"`scratch_key`: (inode, ctime ns) of the scratch folder as it was left empty, trusted only\n"
+"while that ctime is at least `scratch_age` ns old; `run_uuid` b'': make one. Returns one of:\n"
 "  ('wake',)  the epoll had something before the run was due: nothing was done;\n"
 "  ('slow',)  a check changed or the plugin could not be started: nothing was started;\n"
 "  ('inflight', uuid, start_wall, start_mono, pid, pidfd, stdout_fd, stderr_fd);\n"
@@ -238,9 +239,9 @@ static PyObject *run(PyObject *Py_UNUSED(module), PyObject *args) {
     PyObject *levels, *argv_tuple, *env_tuple;
     const char *scratch, *head, *tail, *helper, *given_uuid;
     Py_ssize_t head_len, tail_len, limit, given_uuid_len;
-    long long scratch_ino, scratch_ctime;
-    if (!PyArg_ParseTuple(args, "idO!y(LL)y#iiy#y#yO!O!dniii:run", &epoll_fd, &due, &PyTuple_Type, &levels, &scratch,
-                          &scratch_ino, &scratch_ctime, &given_uuid, &given_uuid_len, &stdin_rw, &stdin_ro, &head, &head_len, &tail, &tail_len,
+    long long scratch_ino, scratch_ctime, scratch_age;
+    if (!PyArg_ParseTuple(args, "idO!y(LL)Ly#iiy#y#yO!O!dniii:run", &epoll_fd, &due, &PyTuple_Type, &levels, &scratch,
+                          &scratch_ino, &scratch_ctime, &scratch_age, &given_uuid, &given_uuid_len, &stdin_rw, &stdin_ro, &head, &head_len, &tail, &tail_len,
                           &helper, &PyTuple_Type, &argv_tuple, &PyTuple_Type, &env_tuple, &quick, &limit, &children_fd, &oom_fd, &pids_fd))
         return NULL;
     if (limit < 0) {
@@ -270,6 +271,11 @@ static PyObject *run(PyObject *Py_UNUSED(module), PyObject *args) {
     struct stat st;
     if (lstat(scratch, &st) < 0 || (long long)st.st_ino != scratch_ino || ns_of(&st.st_ctim) != scratch_ctime)
         return Py_NewRef(SLOW);
+    /* timestamps are coarse: what a plugin changed within the clock tick its folder was left
+     * empty in would not show in the ctime (runner.main.SCRATCH_TICK_NS) */
+    struct timespec now;
+    clock_gettime(CLOCK_REALTIME, &now);
+    if (ns_of(&now) - scratch_ctime < scratch_age) return Py_NewRef(SLOW);
 
     /* 3. this run's uuid, stdin document and environment */
     char uuid[37];

@@ -44,6 +44,8 @@ STDERR_TAIL = 4096
 READ_CHUNK = 65536
 PIPE_WATCH_DELAY = 0.05  # a plugin still running after this has its pipes watched
 SCRATCH_TICK_NS = 20_000_000  # more than a coarse clock tick (HZ 100: 10 ms)
+HASH_AHEAD_MAX = 1 << 20  # the zygote hashes a plugin this small for its runner's first run (~1 ms)
+_CHECKED_AHEAD: dict[tuple, PluginResolver] = {}  # in the zygote: by plugin, the last resolver that checked ahead
 ACK_WAIT = 1.5  # when stopping: how long the last results may wait for the publisher's ack
 _encoder = msgspec.msgpack.Encoder()
 # Plugin output is read into this one buffer, not into a new 64 KiB bytes object per read
@@ -168,15 +170,23 @@ class Runner:
         slot from now (building a batch takes a while: a slot picked then may have passed)."""
         self.fire_wall = None  # nothing has fired yet: the first fire time is picked again
         self.next_run_at = self._first_slot(time.monotonic())
+        if self._clean_scratch is not None and self.cron is None and self.cfg.run_on_start:
+            # the zygote may have emptied the scratch folder just now: a run on start waits
+            # out the clock tick the fast path asks of it (check_ahead) rather than take the
+            # slow one
+            self.next_run_at += max(0, self._clean_scratch[1] + SCRATCH_TICK_NS - time.time_ns()) / 1e9
         self.sandbox.adopt()
+        if self._fast is not None:  # made by check_ahead, in the zygote
+            last, args = self._fast
+            self._fast = (last, (*args[:5], self.sandbox.adopt_argv(args[5]), args[6]))
         if self.children_fd >= 0:
             os.close(self.children_fd)  # the zygote's thread's, inherited
         self.children_fd = linux.open_children()
 
     def fds(self) -> list[int]:
         """What this Runner holds open before its first run (besides its pipes)."""
-        return [fd for fd in (self.poller.fileno(), self.counters.oom_fd, self.counters.pids_fd, self.children_fd)
-                if fd >= 0]
+        return [fd for fd in (self.poller.fileno(), self.counters.oom_fd, self.counters.pids_fd, self.children_fd,
+                              self.stdin._rw, self.stdin._ro) if fd >= 0]
 
     def close(self) -> None:
         """Every file the runner holds open between runs (for the zygote's warm-up, which
@@ -365,7 +375,7 @@ class Runner:
             before = time.time_ns()
             fast = self._fast_args() if FASTPATH else None
             if fast is not None:  # checks done: C starts it, collects it if quick
-                got = self._fast_run(fast, 0.0, (), empty, run.uuid.encode())
+                got = self._fast_run(fast, 0.0, (), empty, 0, run.uuid.encode())
                 got = None if got[0] == "slow" else got  # (it could not start: the spawn below says why)
             if got is None:
                 run.pid, run.pidfd, run.out_fd, run.err_fd = self.sandbox.spawn(
@@ -459,7 +469,7 @@ class Runner:
         fast = self._fast_args()
         if fast is None:
             return False
-        got = self._fast_run(fast, self.next_run_at, fast[2], self._clean_scratch, b"")
+        got = self._fast_run(fast, self.next_run_at, fast[2], self._clean_scratch, SCRATCH_TICK_NS, b"")
         if got[0] == "wake":  # the loop has something first; the run is still due
             return False
         if got[0] == "slow":  # something changed: the checks say what, as for any run
@@ -475,9 +485,10 @@ class Runner:
         self._take(run, got)
         return True
 
-    def _fast_run(self, fast: tuple, due: float, levels: tuple, scratch_key: tuple[int, int], run_uuid: bytes) -> tuple:
+    def _fast_run(self, fast: tuple, due: float, levels: tuple, scratch_key: tuple[int, int], scratch_age: int,
+                  run_uuid: bytes) -> tuple:
         _, _, _, scratch, helper, argv, env = fast
-        return _fastpath.run(self.poller.fileno(), due, levels, scratch, scratch_key, run_uuid, self.stdin._rw,
+        return _fastpath.run(self.poller.fileno(), due, levels, scratch, scratch_key, scratch_age, run_uuid, self.stdin._rw,
                              self.stdin._ro, self.stdin._head, self.stdin._tail, helper, argv, env, PIPE_WATCH_DELAY,
                              self.cfg.limits.output, self.children_fd, self.counters.oom_fd, self.counters.pids_fd)
 
@@ -597,6 +608,44 @@ class Runner:
         except BrokenPipeError:
             self.stopping = True
 
+    def check_ahead(self) -> None:
+        """In the zygote, before the fork (see prepare): what a first run checks and makes, so
+        that the runner's first run, like every later one, goes through runner/fastpath.c.
+
+        The plugin's resolution (trust, plugin.toml, sha256), the scratch folder emptied and
+        the stdin memfd and the fast path's arguments: done in the runner, this Python copies
+        about 0.4 MB of pages it shares with the zygote (tomllib, hashlib, os.path, the
+        checks), and on 3.11 nothing gives them back. The fast path stats again everything these checks looked at before
+        it starts the plugin, and hands the run to Python if anything changed, as it does for
+        every later run. Not done when it would hold up the zygote (an entrypoint larger than
+        HASH_AHEAD_MAX, leftovers in the scratch folder) or cannot help (no fast path); what
+        fails is left for the first run, which says why."""
+        if not FASTPATH or self.sandbox.helper is None:
+            return
+        try:
+            with os.scandir(self.cfg.scratch_dir) as entries:
+                if next(entries, None) is not None:
+                    return
+        except FileNotFoundError:
+            pass
+        except OSError:
+            return
+        try:
+            alike = _CHECKED_AHEAD.get(self.resolver.identity)
+            if alike is not None:
+                self.resolver.learn_from(alike)
+            self.resolver.resolve(hash_max=HASH_AHEAD_MAX)
+            if len(_CHECKED_AHEAD) >= 256:
+                _CHECKED_AHEAD.clear()
+            _CHECKED_AHEAD[self.resolver.identity] = self.resolver
+            _, empty = self.prepare_scratch()
+            self.stdin.prepare(new_uuid())  # the memfd; each run writes its own document
+            if self._fast_args() is None:
+                return
+        except Exception:  # noqa: BLE001 - ahead of time only: the first run checks again and says why
+            return
+        self._clean_scratch = empty  # nothing has run since: empty, even within the clock tick
+
     def prepare_scratch(self) -> tuple[str, tuple[int, int]]:
         """The job's private folder, mode 0700, owned by the run user, empty at each run;
         and its (inode, ctime) as it is now, empty.
@@ -683,18 +732,21 @@ def prepare(rfd: int, wfd: int, wait: float) -> Prepared:
     """In the zygote, before forking a runner: read its RunnerConfig (the supervisor writes it
     as it asks for the runner; waiting up to `wait` seconds) and build its Runner.
 
-    Reading and decoding the config and building a Runner touch about 0.7 MB of pages that
-    runners share with the zygote (reference counts, caches): done in each runner, each would
-    copy them. Done here, for a whole batch before its forks, every runner of the batch shares
-    them. Whatever goes wrong is left for the runner to find again and report (a frame not yet
-    complete, a config it cannot build from): this never raises."""
+    Reading and decoding the config, building a Runner and checking ahead for its first run
+    touch about 1.1 MB of pages that runners share with the zygote (reference counts,
+    caches): done in each runner, each would copy them. Done here, for a whole batch before
+    its forks, every runner of the batch shares them. Whatever goes wrong is left for the
+    runner to find again and report (a frame not yet complete, a config it cannot build
+    from): this never raises."""
     channel = Channel(rfd, wfd, SupervisorToRunner, max_frame=MAX_FRAME)
     frames: list = []
     try:
         if select.select([rfd], [], [], wait)[0]:
             frames = channel.read()
         if frames and isinstance(frames[0], RunnerConfig):
-            return Prepared(channel, frames, Runner(channel, frames[0]))
+            runner = Runner(channel, frames[0])
+            runner.check_ahead()
+            return Prepared(channel, frames, runner)
     except Exception:  # noqa: BLE001 - the runner meets it again and reports it
         pass
     return Prepared(channel, frames, None)

@@ -133,13 +133,29 @@ class PluginResolver:
         self._last: tuple[tuple, ResolvedPlugin, str] | None = None
 
     @property
+    def identity(self) -> tuple:
+        """What the checks of a resolution depend on besides the files: resolvers alike in it
+        may share what they checked (learn_from)."""
+        return (tuple(self.plugin_dirs), self.name, self.version, self.allowed_uids, self.pin_sha256,
+                self.require_sha256)
+
+    def learn_from(self, other: "PluginResolver") -> None:
+        """Start from what a resolver alike checked last (the zygote checks ahead for many
+        runners of one plugin): resolve() still stats every level again, and trusts that only
+        if nothing changed, as between two runs."""
+        if other.identity == self.identity:
+            self._last, self._manifest_cache, self._digest_cache = other._last, other._manifest_cache, other._digest_cache
+
+    @property
     def label(self) -> str:
         return f"{self.name}@{self.version}"
 
     # -- the checks ----------------------------------------------------------------------
 
-    def resolve(self) -> tuple[ResolvedPlugin, str]:
-        """(plugin, sha256 hex of the file that will run), or PluginError with the reason."""
+    def resolve(self, hash_max: int | None = None) -> tuple[ResolvedPlugin, str]:
+        """(plugin, sha256 hex of the file that will run), or PluginError with the reason.
+        `hash_max`: a larger entrypoint is refused (the zygote checks ahead only what it hashes
+        quickly)."""
         if self.pin_sha256 is None and self.require_sha256:
             raise PluginError("sha256 required: the spec has no plugin.sha256 and jobs.require_sha256 is true")
         if not self._names_ok:
@@ -173,6 +189,8 @@ class PluginResolver:
         _check_trust(path, st, self.allowed_uids)
         if not st.st_mode & 0o111:
             raise PluginError(f"plugin not executable: {path} (mode {stat.S_IMODE(st.st_mode):04o})")
+        if hash_max is not None and st.st_size > hash_max:
+            raise PluginError(f"{path}: {st.st_size} bytes, more than are hashed ahead")
         digest = self._digest(path, st)
         if self.pin_sha256 is not None and digest != self.pin_sha256:
             raise PluginError(f"sha256 mismatch: {path}: expected {self.pin_sha256} got {digest}")

@@ -87,6 +87,14 @@ class Sandbox:
         """In a runner whose zygote built this Sandbox: the pids that are the runner's own."""
         self.parent = os.getppid()
         self.helper_args[_PARENT_PID_ARG] = str(os.getpid())  # whose death kills the plugin
+        self._made_for = None  # ar-exec's arguments hold it: made again
+
+    def adopt_argv(self, argv: tuple[bytes, ...]) -> tuple[bytes, ...]:
+        """An ar-exec argv made before adopt() (in the zygote, for the fast path), with the
+        parent pid that is ours now."""
+        own = list(argv)
+        own[1 + _PARENT_PID_ARG] = self.helper_args[_PARENT_PID_ARG].encode()
+        return tuple(own)
 
     def spawn(self, argv: list[str], cwd: str, stdin_fd: int, extra_env: dict[str, str],
               network: bool | None = None) -> tuple[int, int, int, int]:

@@ -4,6 +4,7 @@ without it (ASSESSMENT_RUNTIME_NO_FASTPATH=1), for every kind of outcome a run c
 
 from __future__ import annotations
 
+import datetime
 import os
 import select
 import stat
@@ -52,12 +53,12 @@ class Stage:
         return st.st_ino, st.st_ctime_ns
 
     def run(self, due: float = 0.0, levels: tuple | None = None, run_uuid: bytes = b"", quick: float = 2.0,
-            scratch_key: tuple[int, int] | None = None):
+            scratch_key: tuple[int, int] | None = None, scratch_age: int = 0):
         levels = (self.key(self.folder), self.key(self.plugin)) if levels is None else levels
         argv = self.sandbox.helper_argv(str(self.scratch), False) + [str(self.plugin)]
         env = self.sandbox.env_for(str(self.scratch))
         return _fastpath.run(self.epoll.fileno(), due, levels, os.fsencode(self.scratch),
-                             scratch_key or self.scratch_key(),
+                             scratch_key or self.scratch_key(), scratch_age,
                              run_uuid, self.stdin._rw, self.stdin._ro, self.stdin._head, self.stdin._tail,
                              os.fsencode(HELPER), tuple(os.fsencode(a) for a in argv),
                              tuple(os.fsencode(f"{k}={v}") for k, v in env.items()), quick, self.limit, -1, -1, -1)
@@ -117,6 +118,19 @@ def test_nothing_starts_when_a_check_would_not_hold(stage):
     assert ran.read_text() == "x\n"
 
 
+def test_a_scratch_folder_emptied_within_the_tick_is_not_trusted(stage):
+    """A folder left empty less than scratch_age ago could hide what a plugin writes in the
+    same clock tick (the zygote empties it just before forking): Python takes that run."""
+    s = stage("#!/bin/sh\necho x >> ../ran\n")
+    os.chmod(s.scratch, 0o700)  # its ctime: now
+    assert s.run(scratch_age=60 * 10**9) == ("slow",)
+    assert not (s.folder / "ran").exists()
+    assert s.run(scratch_age=0)[0] == "done"
+    time.sleep(0.05)
+    assert s.run(scratch_age=20_000_000)[0] == "done"
+    assert (s.folder / "ran").read_text() == "x\nx\n"
+
+
 def test_an_event_before_the_run_is_due_starts_nothing(stage):
     s = stage("#!/bin/sh\ntouch ../ran\n")
     r, w = os.pipe()
@@ -172,12 +186,12 @@ def test_output_over_the_limit_keeps_one_byte_more(stage):
 def test_bad_arguments_are_errors_not_crashes(stage):
     s = stage("#!/bin/sh\n")
     with pytest.raises(TypeError):
-        _fastpath.run(s.epoll.fileno(), 0.0, ("not a level",), b"/", (0, 0), b"", -1, -1, b"", b"", b"/", (), (),
+        _fastpath.run(s.epoll.fileno(), 0.0, ("not a level",), b"/", (0, 0), 0, b"", -1, -1, b"", b"", b"/", (), (),
                       0.05, 10, -1, -1, -1)
     with pytest.raises(ValueError):
         s.run(run_uuid=b"short")
     with pytest.raises(TypeError):
-        _fastpath.run(s.epoll.fileno(), 0.0, (), b"/", (0, 0), b"", -1, -1, b"", b"", b"/", ["list"], (), 0.05, 10,
+        _fastpath.run(s.epoll.fileno(), 0.0, (), b"/", (0, 0), 0, b"", -1, -1, b"", b"", b"/", ["list"], (), 0.05, 10,
                       -1, -1, -1)
 
 
@@ -270,7 +284,7 @@ def test_the_service_gives_the_same_results_with_and_without_the_fast_path(area)
     assert "runs go through runner/fastpath.c" in fast_log
     assert "runs go through runner/fastpath.c" not in slow_log
     for plugin in fast:
-        # the first runs, and the later ones the C side waits for and checks (from the third on)
+        # the first runs (the zygote checked ahead) and later ones (the runner checked before)
         for f, s in zip(fast[plugin][:4], slow[plugin][:4]):
             assert _same_parts(f) == _same_parts(s), plugin
     assert fast["ok"][3]["status"] == "satisfied" and fast["notok"][3]["status"] == "not-satisfied"
@@ -304,3 +318,25 @@ def test_a_change_to_the_plugin_between_runs_is_seen_by_the_next_run(service_fac
     seen = len(svc.results_for(doc["uuid"]))
     wait_for(lambda: any(r["status"] == "satisfied" for r in svc.results_for(doc["uuid"])[seen:]), 15,
              what="a trusted run again")
+
+
+def test_what_the_zygote_checked_ahead_is_checked_again_at_the_first_run(service_factory):
+    """The zygote checks each job's plugin before it forks the job's runner (check_ahead), and
+    the first run then goes through the C side like any other: a plugin made writable by
+    others after the zygote's check is refused at the first run all the same."""
+    svc = service_factory()
+    entry = make_plugin(svc.plugins, "ok", PLUGINS["ok"])
+    docs = [spec(uuid=f"00000000-0000-4000-8000-{i:012d}", plugin="ok", interval="5s", run_on_start=False)
+            for i in range(6)]
+    for i, doc in enumerate(docs):
+        svc.write_spec(f"job{i}.json", doc)
+    svc.start()
+    wait_for(lambda: [j["state"] for j in svc.status()["jobs"]] == ["running"] * len(docs), 20, what="every runner up")
+    entry.chmod(entry.stat().st_mode | stat.S_IWOTH)
+    changed = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    firsts = [svc.wait_result(d["uuid"], 1, timeout=20)[0] for d in docs]
+    after = [r for r in firsts if r["start"] > changed]
+    # each job's first run falls anywhere in its first 5 s: all six before the chmod is rare
+    assert after, "no first run started after the change"
+    for r in after:
+        assert r["status"] == "error" and "is writable by others" in r["reason"], r

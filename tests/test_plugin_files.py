@@ -320,6 +320,18 @@ def test_require_sha256_without_pin(tmp_path):
         "sha256 required: the spec has no plugin.sha256 and jobs.require_sha256 is true"
 
 
+def test_an_entrypoint_larger_than_hash_max_is_not_hashed(tmp_path):
+    """The zygote checks ahead only what it hashes quickly; the runner's own check hashes any size."""
+    pdir = tmp_path / "plugins"
+    make_plugin(pdir)
+    r = resolver([pdir])
+    with pytest.raises(PluginError, match="more than are hashed ahead"):
+        r.resolve(hash_max=len(SCRIPT) - 1)
+    assert r.hash_count == 0
+    assert r.resolve(hash_max=len(SCRIPT))[1] == hashlib.sha256(SCRIPT).hexdigest()
+    assert r.resolve()[1] == hashlib.sha256(SCRIPT).hexdigest() and r.hash_count == 1
+
+
 def test_digest_and_manifest_are_cached(tmp_path):
     pdir = tmp_path / "plugins"
     path = make_plugin(pdir)
