@@ -67,10 +67,7 @@ def spawn_runners(sock: socket.socket, private: list[socket.socket], batch: list
         if pid == 0:
             code = 1
             try:
-                for fd in table[:bounds[i]]:  # the pipes and files of every other runner
-                    os.close(fd)
-                for fd in table[bounds[i + 1]:]:
-                    os.close(fd)
+                _close_siblings(table, bounds[i], bounds[i + 1], [sock.fileno(), *(s.fileno() for s in private)])
                 _signal.set_wakeup_fd(-1)  # not signal's wrappers: see runner/selfpipe.py
                 _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
                 sock.close()
@@ -104,6 +101,22 @@ def _keep_to(pid: int, cpu: int) -> None:
         os.sched_setaffinity(pid, (cpu,))
     except OSError:  # gone already, or not allowed: it runs on any CPU
         pass
+
+
+def _close_siblings(table: array.array, own_from: int, own_to: int, also_kept: list[int]) -> None:
+    """In a child: close the pipes and files of every other runner of the batch, with one
+    close_range per gap between the fds it keeps. Every fd the zygote opened for the batch is
+    in the table, so its siblings' all lie between the table's lowest and highest; whatever
+    else is in there is the zygote's own (its sockets, kept until closed by name) or leaked
+    by a Runner that failed half-built. One close(2) per fd cost 1.9 ms a runner in a batch
+    of 1,000 (2,200 fds), most of a start's CPU."""
+    keep = sorted({*table[own_from:own_to], *also_kept})
+    low = min(table)
+    for fd in keep:
+        if fd > low:
+            os.closerange(low, fd)
+        low = max(low, fd + 1)
+    os.closerange(low, max(table) + 1)
 
 
 def _fd_table(batch: list[tuple[Spawn, list[int]]], prepared: list) -> tuple[array.array, array.array]:

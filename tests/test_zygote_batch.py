@@ -74,6 +74,7 @@ def test_each_runner_of_a_batch_holds_only_its_own_files_and_the_zygote_none_of_
             if target.startswith("/sys/fs/cgroup"):  # its job's counters, no other job's
                 assert uuid in target, (pid, target)
         assert sum(t == "anon_inode:[eventpoll]" for t in fds.values()) == 1, fds
+        assert sum(t.startswith("/memfd:stdin") for t in fds.values()) == 2, fds  # its own, made in the zygote
     shared = {pipe: pids for pipe, pids in pipes.items() if len(pids) > 1}
     assert not shared, shared  # no runner holds a sibling's pipe to the supervisor
     assert len({len(fds) for fds in files.values()}) == 1, files  # the same files, each its own
