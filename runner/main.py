@@ -488,9 +488,10 @@ class Runner:
     def _fast_run(self, fast: tuple, due: float, levels: tuple, scratch_key: tuple[int, int], scratch_age: int,
                   run_uuid: bytes) -> tuple:
         _, _, _, scratch, helper, argv, env = fast
-        return _fastpath.run(self.poller.fileno(), due, levels, scratch, scratch_key, scratch_age, run_uuid, self.stdin._rw,
-                             self.stdin._ro, self.stdin._head, self.stdin._tail, helper, argv, env, PIPE_WATCH_DELAY,
-                             self.cfg.limits.output, self.children_fd, self.counters.oom_fd, self.counters.pids_fd)
+        return _fastpath.run(self.poller.fileno(), due, levels, scratch, scratch_key, scratch_age, run_uuid,
+                             self.stdin._rw, self.stdin._ro, self.stdin._head, self.stdin._tail, helper, argv, env,
+                             PIPE_WATCH_DELAY, self.cfg.limits.output, self.children_fd, self.counters.oom_fd,
+                             self.counters.pids_fd)
 
     def _take(self, run: Run, got: tuple) -> None:
         """Take over what runner/fastpath.c started: a run still going, as if start_run had

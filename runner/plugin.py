@@ -144,7 +144,8 @@ class PluginResolver:
         runners of one plugin): resolve() still stats every level again, and trusts that only
         if nothing changed, as between two runs."""
         if other.identity == self.identity:
-            self._last, self._manifest_cache, self._digest_cache = other._last, other._manifest_cache, other._digest_cache
+            self._last, self._manifest_cache = other._last, other._manifest_cache
+            self._digest_cache = other._digest_cache
 
     @property
     def label(self) -> str:
