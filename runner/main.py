@@ -613,14 +613,14 @@ class Runner:
         """In the zygote, before the fork (see prepare): what a first run checks and makes, so
         that the runner's first run, like every later one, goes through runner/fastpath.c.
 
-        The plugin's resolution (trust, plugin.toml, sha256), the scratch folder emptied and
-        the stdin memfd and the fast path's arguments: done in the runner, this Python copies
-        about 0.4 MB of pages it shares with the zygote (tomllib, hashlib, os.path, the
-        checks), and on 3.11 nothing gives them back. The fast path stats again everything these checks looked at before
-        it starts the plugin, and hands the run to Python if anything changed, as it does for
-        every later run. Not done when it would hold up the zygote (an entrypoint larger than
-        HASH_AHEAD_MAX, leftovers in the scratch folder) or cannot help (no fast path); what
-        fails is left for the first run, which says why."""
+        The plugin's resolution (trust, plugin.toml, sha256), the emptied scratch folder, the
+        stdin memfd and the fast path's arguments: made in the runner, they copy about 0.4 MB of
+        pages it shares with the zygote (tomllib, hashlib, os.path, the checks), and on 3.11
+        nothing gives them back. The fast path stats again everything these checks looked at
+        before it starts the plugin, and hands the run to Python if anything changed, as it
+        does for every later run. Not done when it would hold up the zygote (an entrypoint
+        larger than HASH_AHEAD_MAX, leftovers in the scratch folder) or cannot help (no fast
+        path); what fails is left for the first run, which says why."""
         if not FASTPATH or self.sandbox.helper is None:
             return
         try:

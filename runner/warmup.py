@@ -11,9 +11,9 @@ socket of our own, `start_run` of a small trusted sh plugin in a temporary folde
 Python (as a plugin that outlasts the C fast path's wait runs), the event loop until the run
 ends, a second run through the C fast path (`run_fast`), the result frames to the
 "publisher", their acks. Measured with the fast path, against warming it alone: active runner
-USS 1.79 -> 1.75 MB with a quick plugin, 2.03 -> 1.92 MB with one that takes 0.1 s. Nothing is left open,
-no signal handler is installed, nothing is logged; the plugin runs as the zygote's user
-(run_as None). An optimisation only: the zygote starts without it if anything goes wrong.
+USS 1.79 -> 1.75 MB with a quick plugin, 2.03 -> 1.92 MB with one that takes 0.1 s. Nothing is
+left open, no signal handler is installed, nothing is logged; the plugin runs as the zygote's
+user (run_as None). An optimisation only: the zygote starts without it if anything goes wrong.
 """
 
 from __future__ import annotations
